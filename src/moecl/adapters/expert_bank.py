@@ -1,0 +1,106 @@
+"""A progressive bank of LoRA experts around one linear layer (PMoE's deep blocks, SPEC §1.3).
+
+``y = base(x) + sum_k g_k (alpha/r) B_k A_k x`` with ``g`` the router's gate for the token.
+
+The mixture is computed in the fused form of SPEC §1.9: stacking the experts gives one rank
+``T*r`` LoRA, ``sum_k g_k B_k A_k x = B_cat (expand_r(g) * (A_cat x))``, i.e. two matmuls and
+one elementwise scale, whatever ``T`` is. Neither a Python loop over experts nor a
+``(tokens, T, d_out)`` tensor appears. :meth:`LoRAExpertBank.reference_delta` is the plain loop,
+kept as the test oracle.
+
+Only the newest expert is an ``nn.Parameter``; earlier experts live in buffers, so no
+optimizer can see them (not even AdamW's weight decay) and they stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moecl.adapters.lora import adapter_dtype, init_lora_pair, linear_features, make_dropout
+from moecl.adapters.router import GateState
+
+
+class LoRAExpertBank(nn.Module):
+    """Gate-weighted LoRA experts, one per task, of which only the newest trains.
+
+    Args:
+        base_layer: the ``nn.Linear`` or ``Conv1D`` to adapt; it stays frozen.
+        rank: ``r`` of every expert.
+        alpha: the delta of each expert is scaled by ``alpha / r``.
+        gate: the :class:`GateState` the owning model writes the router's output to.
+        dropout: dropout on the experts' input.
+
+    Tensors: ``frozen_A (n_frozen*r, in)`` and ``frozen_B (out, n_frozen*r)`` (buffers),
+    ``expert_A (r, in)`` and ``expert_B (out, r)`` (parameters, the task being learned).
+    """
+
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, gate: GateState, dropout: float = 0.0):
+        super().__init__()
+        self.base_layer = base_layer
+        in_features, out_features = linear_features(base_layer)
+        self.in_features, self.out_features = in_features, out_features
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.gate = gate
+        self.dropout = make_dropout(dropout)
+        weight = base_layer.weight
+        dtype = adapter_dtype(base_layer)
+        self.register_buffer("frozen_A", torch.zeros(0, in_features, dtype=dtype, device=weight.device))
+        self.register_buffer("frozen_B", torch.zeros(out_features, 0, dtype=dtype, device=weight.device))
+        self.register_parameter("expert_A", None)  # opened by add_expert()
+        self.register_parameter("expert_B", None)
+
+    @property
+    def num_experts(self) -> int:
+        return self.frozen_A.shape[0] // self.rank + (self.expert_A is not None)
+
+    def add_expert(self) -> None:
+        """Freeze the current trainable expert (move it to the buffers) and open a new one."""
+        if self.expert_A is not None:
+            self.frozen_A = torch.cat([self.frozen_A, self.expert_A.detach()], dim=0)
+            self.frozen_B = torch.cat([self.frozen_B, self.expert_B.detach()], dim=1)
+        self.expert_A, self.expert_B = init_lora_pair(
+            self.rank, self.in_features, self.out_features, self.frozen_A, self.frozen_A.dtype
+        )
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A_cat (T*r, in)`` and ``B_cat (out, T*r)``, expert ``k`` in rows/columns ``k*r:(k+1)*r``."""
+        return (
+            torch.cat([self.frozen_A, self.expert_A], dim=0),
+            torch.cat([self.frozen_B, self.expert_B], dim=1),
+        )
+
+    def delta(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Fused mixture for ``x (..., in)`` and ``gate (..., T)`` -> ``(..., out)``."""
+        a_cat, b_cat = self.stacked_weights()
+        z = F.linear(self.dropout(x.to(a_cat.dtype)), a_cat)  # (..., T*r)
+        g = gate.to(z.dtype) * self.scaling  # (..., T)
+        # Scale each expert's r intermediate channels by its gate: view (..., T, r), no copy of g.
+        z = (z.unflatten(-1, (self.num_experts, self.rank)) * g.unsqueeze(-1)).flatten(-2)
+        return F.linear(z, b_cat)  # (..., out)
+
+    def reference_delta(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The same mixture as :meth:`delta`, one expert at a time; slow, obvious, for tests."""
+        a_cat, b_cat = self.stacked_weights()
+        x = self.dropout(x.to(a_cat.dtype))
+        out = torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+        for k in range(self.num_experts):
+            rows = slice(k * self.rank, (k + 1) * self.rank)
+            expert = (x @ a_cat[rows].T) @ b_cat[:, rows].T * self.scaling
+            out = out + gate[..., k : k + 1].to(x.dtype) * expert
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.expert_A is None:
+            return result
+        gate = self.gate.read(x, self.num_experts)
+        return result + self.delta(x, gate).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+            f"experts={self.num_experts}, scaling={self.scaling:g}"
+        )

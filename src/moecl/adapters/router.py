@@ -1,0 +1,81 @@
+"""PMoE's router (SPEC §1.4): ``G(x) = softmax(h_tau W_g)``, one column per expert.
+
+The router is computed once per forward pass, at the boundary between the shallow and the deep
+blocks, and the same gate weights every deep expert bank. :class:`GateState` is the one object
+through which that gate travels: the model that owns the router writes it, and every deep bank
+holds a reference to the same instance and reads it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GateState:
+    """The gate of the forward pass in flight, shared by the router and the deep expert banks.
+
+    ``probs`` has shape ``(batch, seq, num_experts)``: one distribution per token, over the
+    experts that exist. It is overwritten by every forward pass; under gradient checkpointing
+    the deep blocks' recomputation reads it again during backward, so call ``backward()``
+    before the next forward (the usual training loop does).
+    """
+
+    def __init__(self) -> None:
+        self.probs: torch.Tensor | None = None
+
+    def read(self, x: torch.Tensor, num_experts: int) -> torch.Tensor:
+        """The gate for the tokens of ``x (..., d_in)``: ``(..., num_experts)``.
+
+        Raises if no router has run for this input, which happens only when a deep block is
+        called on its own rather than through the model that owns the router.
+        """
+        probs = self.probs
+        if probs is None or probs.shape[:-1] != x.shape[:-1] or probs.shape[-1] != num_experts:
+            got = None if probs is None else tuple(probs.shape)
+            raise RuntimeError(
+                f"no router gate for an input of shape {tuple(x.shape)} over {num_experts} experts "
+                f"(gate in flight: {got}); call the PMoEModel, not a deep block or its base model "
+                "directly"
+            )
+        return probs
+
+
+class Router(nn.Module):
+    """Linear softmax router over a growing set of experts (no bias, as in the paper's Eq. 4).
+
+    Args:
+        hidden_size: width of ``h_tau``.
+        device: where the weight lives.
+
+    The weight ``(num_experts, hidden)`` is kept in float32 whatever the model's dtype: it is
+    tiny and a softmax over half-precision logits loses the small gate differences training
+    relies on.
+    """
+
+    def __init__(self, hidden_size: int, device: torch.device | None = None):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.weight = nn.Parameter(torch.zeros(0, hidden_size, dtype=torch.float32, device=device))
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    def add_expert(self) -> None:
+        """Append one output column, initialised at zero.
+
+        A zero column gives the new expert the logit an untrained router gives every expert, so
+        the new expert starts with a fair share of the gate rather than none or all of it.
+        """
+        old = self.weight.detach()
+        new = torch.zeros(1, self.hidden_size, dtype=old.dtype, device=old.device)
+        self.weight = nn.Parameter(torch.cat([old, new], dim=0))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden (batch, seq, hidden)`` -> gate ``(batch, seq, num_experts)``, rows sum to 1."""
+        return F.softmax(F.linear(hidden.to(self.weight.dtype), self.weight), dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden_size}, experts={self.num_experts}"

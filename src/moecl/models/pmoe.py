@@ -1,0 +1,294 @@
+"""PMoE on a Hugging Face causal LM: surgery, the router's place, growth, save and load (SPEC §1).
+
+Reading order of a forward pass::
+
+    input -> blocks 1..tau      (q/v wrapped in LoRALinear: one shared adapter)
+          -> block tau's output h_tau --[forward hook PMoEModel._route]--> router -> self.gate
+          -> blocks tau+1..N    (q/v wrapped in LoRAExpertBank, each reading self.gate)
+          -> LM head
+
+``self.gate`` (a :class:`~moecl.adapters.router.GateState`) is created here and handed to every
+deep bank at construction; it is the only path by which the gate reaches the deep blocks.
+Because the router runs inside the base model's own forward, ``generate()`` with a KV cache,
+left-padded batches and gradient checkpointing work unchanged: every call routes exactly the
+tokens it processes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from moecl.adapters.expert_bank import LoRAExpertBank
+from moecl.adapters.lora import LINEAR_TYPES, LoRALinear
+from moecl.adapters.router import GateState, Router
+from moecl.adapters.state import ADAPTER_TYPES, adapter_state_dict, named_adapter_parameters
+from moecl.models.architectures import (
+    check_causal_lm,
+    decoder_blocks,
+    default_target_modules,
+    hidden_size,
+)
+from moecl.models.pmoe_config import PMoEConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "moecl.pmoe"
+
+
+def _matches(path_in_block: str, targets: list[str]) -> bool:
+    return any(path_in_block == t or path_in_block.endswith("." + t) for t in targets)
+
+
+def _linear_paths(block: nn.Module) -> list[str]:
+    return [name for name, m in block.named_modules() if name and isinstance(m, LINEAR_TYPES)]
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a padded sequence sees the positions it sees alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class PMoEModel(nn.Module):
+    """A causal LM with PMoE adapters; the base model's weights stay frozen.
+
+    Args:
+        base_model: a Hugging Face decoder-only causal LM (``AutoModelForCausalLM``).
+        config: where to split, what to adapt, and the LoRA hyper-parameters.
+
+    The model starts with no experts: call :meth:`add_task` before training each task. At
+    construction (and after every ``add_task``) outputs equal the base model's, since every new
+    ``B`` is zero.
+    """
+
+    def __init__(self, base_model: PreTrainedModel, config: PMoEConfig | None = None):
+        super().__init__()
+        check_causal_lm(base_model)
+        if any(isinstance(m, ADAPTER_TYPES) for m in base_model.modules()):
+            raise ValueError("base_model already carries moecl adapters; pass a fresh base model")
+        self.config = config or PMoEConfig()
+        self.base_model = base_model
+        base_model.requires_grad_(False)
+
+        blocks = decoder_blocks(base_model)
+        self.num_blocks = len(blocks)
+        self.tau = self.config.shallow_blocks(self.num_blocks)
+        self.target_modules = list(self.config.target_modules or default_target_modules(base_model))
+        self._check_targets(blocks)
+
+        self.gate = GateState()
+        self.router = Router(hidden_size(base_model), device=base_model.get_input_embeddings().weight.device)
+        cfg = self.config
+        for index, block in enumerate(blocks):
+            shallow = index < self.tau
+            for path in _linear_paths(block):
+                if not _matches(path, self.target_modules):
+                    continue
+                parent_path, _, leaf = path.rpartition(".")
+                parent = block.get_submodule(parent_path) if parent_path else block
+                base_layer = getattr(parent, leaf)
+                adapter = (
+                    LoRALinear(base_layer, cfg.rank, cfg.alpha, cfg.dropout)
+                    if shallow
+                    else LoRAExpertBank(base_layer, cfg.rank, cfg.alpha, self.gate, cfg.dropout)
+                )
+                setattr(parent, leaf, adapter)
+
+        # The router reads h_tau: block tau's output, or the embeddings entering block 1 if tau = 0.
+        if self.tau > 0:
+            blocks[self.tau - 1].register_forward_hook(self._route)
+        else:
+            blocks[0].register_forward_pre_hook(self._route_input, with_kwargs=True)
+        self._accepts_position_ids = "position_ids" in inspect.signature(base_model.forward).parameters
+
+    # -- structure -------------------------------------------------------------------------
+
+    def _check_targets(self, blocks: nn.ModuleList) -> None:
+        available = sorted({p for block in blocks for p in _linear_paths(block)})
+        for target in self.target_modules:
+            if not any(_matches(p, [target]) for p in available):
+                leaves = sorted({p.rpartition(".")[2] for p in available})
+                raise ValueError(
+                    f"target module {target!r} is not a linear layer in the decoder blocks of "
+                    f"{type(self.base_model).__name__}; linear layers there: {', '.join(leaves)}"
+                )
+
+    def deep_banks(self) -> Iterator[LoRAExpertBank]:
+        return (m for m in self.base_model.modules() if isinstance(m, LoRAExpertBank))
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def _route(self, module: nn.Module, args: tuple, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output  # (batch, seq, hidden)
+        self._set_gate(hidden)
+
+    def _route_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._set_gate(hidden)
+
+    def _set_gate(self, hidden: torch.Tensor) -> None:
+        self.gate.probs = self.router(hidden) if self.num_experts else None
+
+    # -- growth and training -----------------------------------------------------------------
+
+    def add_task(self) -> int:
+        """Open expert ``t`` in every deep bank and router column ``t``; freeze expert ``t-1``.
+
+        Returns:
+            ``t``, the 0-based index of the new expert (its router column).
+        """
+        for bank in self.deep_banks():
+            bank.add_expert()
+        self.router.add_expert()
+        return self.num_experts - 1
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Shallow LoRA, router, and the newest expert of every deep bank; nothing else."""
+        return named_adapter_parameters(self)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Exactly what the current task may train (hand these to the optimizer)."""
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """``(trainable, total)`` element counts, frozen experts counted in the total."""
+        trainable = dict(self.named_trainable_parameters())
+        frozen = sum(t.numel() for k, t in adapter_state_dict(self).items() if k not in trainable)
+        return sum(p.numel() for p in trainable.values()), sum(p.numel() for p in self.parameters()) + frozen
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint the base model's blocks. Only non-reentrant checkpointing keeps the router's
+        gradient (the gate enters the deep blocks from outside their arguments), so it is forced."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.setdefault("use_reentrant", False):
+            raise ValueError("use_reentrant=True would cut the router's gradient; use use_reentrant=False")
+        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # -- forward, routing probabilities, generation -------------------------------------------
+
+    def forward(
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> CausalLMOutputWithPast:
+        """The base model's forward (same arguments, same output) with the adapters active.
+
+        Without explicit ``position_ids`` and cache, positions are derived from the attention
+        mask so that left padding does not shift a sequence's positions.
+        """
+        if (
+            attention_mask is not None
+            and self._accepts_position_ids
+            and kwargs.get("position_ids") is None
+            and kwargs.get("past_key_values") is None
+        ):
+            kwargs["position_ids"] = _position_ids(attention_mask)
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def router_probs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Router distribution per token, ``(batch, seq, num_experts)``; each row sums to 1."""
+        if not self.num_experts:
+            raise ValueError("the model has no experts yet; call add_task() first")
+        self.forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return self.gate.probs.detach().clone()
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``base_model.generate`` with the adapters active; no task id is needed or taken."""
+        return self.base_model.generate(*args, **kwargs)
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def _describe_base(self) -> dict[str, Any]:
+        config = self.base_model.config
+        return {
+            "model_type": config.model_type,
+            "architecture": type(self.base_model).__name__,
+            "num_blocks": self.num_blocks,
+            "hidden_size": hidden_size(self.base_model),
+            "vocab_size": getattr(config, "vocab_size", None),
+            "name_or_path": getattr(config, "_name_or_path", ""),
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter tensors only).
+
+        Both files are written to a temporary name and renamed, so a crash never leaves a
+        half-written checkpoint under the final name.
+        """
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT,
+            "pmoe": self.config.to_dict(),
+            "tau_blocks": self.tau,
+            "target_modules": self.target_modules,
+            "num_experts": self.num_experts,
+            "base_model": self._describe_base(),
+        }
+        tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(self).items()}
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, directory / WEIGHTS_NAME)
+        tmp = directory / (CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, directory / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, base_model: PreTrainedModel, directory: str | os.PathLike) -> PMoEModel:
+        """Rebuild a saved PMoE on ``base_model``; the newest expert is trainable, as when saved."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise ValueError(f"{config_path} not found: {directory} is not a saved PMoE adapter directory")
+        try:
+            meta = json.loads(config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{config_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+        model = cls(base_model, PMoEConfig(**meta["pmoe"]))
+        expected, actual = meta["base_model"], model._describe_base()
+        for key in ("model_type", "num_blocks", "hidden_size", "vocab_size"):
+            if expected.get(key) != actual[key]:
+                raise ValueError(
+                    f"{config_path}: adapters were saved for a base model with {key}={expected.get(key)!r} "
+                    f"({expected.get('name_or_path') or expected.get('architecture')}), but the given base "
+                    f"model has {key}={actual[key]!r}; load them onto the base model they were trained on"
+                )
+        for _ in range(meta["num_experts"]):
+            model.add_task()
+        weights = load_file(str(directory / WEIGHTS_NAME))
+        own = adapter_state_dict(model)
+        if set(weights) != set(own):
+            missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+            raise ValueError(
+                f"{directory / WEIGHTS_NAME} does not match {config_path}: missing {missing[:5]}, "
+                f"unexpected {extra[:5]}; the directory mixes files of different runs"
+            )
+        with torch.no_grad():
+            for key, tensor in own.items():
+                if weights[key].shape != tensor.shape:
+                    raise ValueError(
+                        f"{directory / WEIGHTS_NAME}: tensor {key} has shape {tuple(weights[key].shape)}, "
+                        f"the model expects {tuple(tensor.shape)}; the config and weights disagree"
+                    )
+                tensor.copy_(weights[key])
+        return model

@@ -1,0 +1,66 @@
+"""Configuration of a PMoE model (SPEC §1), saved as JSON next to the adapter weights."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class PMoEConfig:
+    """Hyper-parameters of the asymmetric progressive mixture of LoRA experts.
+
+    Args:
+        tau: last shallow block. An int ``0..N`` counts blocks (the paper: 24 of 32); a float in
+            ``[0, 1]`` is a fraction of ``N``, rounded to the nearest block (0.75 -> 24 of 32).
+            Blocks ``1..tau`` share one LoRA; blocks ``tau+1..N`` hold the expert banks; the
+            router reads the hidden state block ``tau`` outputs (the embeddings when 0).
+        rank: LoRA rank ``r`` of the shallow adapter and of every expert (paper: 4).
+        alpha: LoRA scale numerator; deltas are multiplied by ``alpha / rank``.
+        dropout: dropout on the adapters' input during training.
+        target_modules: names of the projections to adapt inside each block, matched against
+            the last component of the module path (``"q_proj"``) or the path inside the block
+            (``"self_attn.q_proj"``). ``None`` takes the family's default (q and v).
+    """
+
+    tau: int | float = 0.75
+    rank: int = 4
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
+            raise ValueError(f"tau must be an int (blocks) or a float fraction in [0, 1], got {self.tau!r}")
+        if isinstance(self.tau, float) and not 0.0 <= self.tau <= 1.0:
+            raise ValueError(
+                f"tau={self.tau} is a fraction outside [0, 1]; give a fraction of the blocks (0.75) "
+                "or an int number of shallow blocks (24)"
+            )
+        if isinstance(self.tau, int) and self.tau < 0:
+            raise ValueError(f"tau={self.tau} is negative; it counts shallow blocks, 0..N")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str):
+                self.target_modules = [self.target_modules]
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules:
+                raise ValueError("target_modules is empty; name at least one projection or pass None")
+
+    def shallow_blocks(self, num_blocks: int) -> int:
+        """``tau`` as a number of blocks for a model with ``num_blocks`` decoder blocks."""
+        tau = round(self.tau * num_blocks) if isinstance(self.tau, float) else self.tau
+        if not 0 <= tau <= num_blocks:
+            raise ValueError(
+                f"tau={self.tau} is outside 0..{num_blocks}: the model has {num_blocks} decoder blocks; "
+                f"choose an int in 0..{num_blocks} or a fraction in [0, 1]"
+            )
+        return tau
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

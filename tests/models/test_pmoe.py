@@ -1,0 +1,242 @@
+import json
+
+import pytest
+import torch
+from conftest import VOCAB, build_tiny, perturb_adapters, random_tokens
+from transformers import LlamaConfig, LlamaModel, T5Config, T5ForConditionalGeneration
+
+from moecl import PMoEConfig, PMoEModel
+from moecl.adapters import LoRAExpertBank, LoRALinear
+
+
+def _pmoe(family: str, experts: int = 0, tau=0.5, **kw) -> PMoEModel:
+    pmoe = PMoEModel(build_tiny(family), PMoEConfig(tau=tau, rank=2, alpha=4, **kw))
+    for _ in range(experts):
+        pmoe.add_task()
+    return pmoe
+
+
+def _left_padded_batch():
+    """Three sequences of lengths 7, 4 and 2, left-padded with token 0."""
+    lengths = [7, 4, 2]
+    ids = random_tokens(3, 7)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, : 7 - n] = 0
+        mask[row, 7 - n :] = 1
+    return ids, mask, lengths
+
+
+def test_outputs_equal_base_model_at_init_and_after_add_task(family):
+    base = build_tiny(family)
+    pmoe = _pmoe(family)
+    ids = random_tokens(2, 9)
+    expected = base(input_ids=ids).logits
+    assert torch.equal(pmoe(input_ids=ids).logits, expected)
+    pmoe.add_task()
+    pmoe.add_task()
+    assert torch.equal(pmoe(input_ids=ids).logits, expected)
+
+
+def test_surgery_places_shallow_lora_and_deep_banks(family):
+    pmoe = _pmoe(family, tau=1)
+    kinds = [type(m) for m in pmoe.modules() if isinstance(m, (LoRALinear, LoRAExpertBank))]
+    per_block = len(pmoe.target_modules)
+    assert kinds == [LoRALinear] * per_block + [LoRAExpertBank] * 3 * per_block
+
+
+def test_tau_fraction_rounds_to_blocks():
+    assert _pmoe("llama", tau=0.75).tau == 3
+    assert _pmoe("llama", tau=0).tau == 0 and _pmoe("llama", tau=4).tau == 4
+
+
+@pytest.mark.parametrize("tau", [0, 2, 4])
+def test_router_probs_sum_to_one_and_ignore_batch_neighbours(family, tau):
+    pmoe = _pmoe(family, experts=3, tau=tau)
+    perturb_adapters(pmoe, scale=0.3)
+    ids, mask, lengths = _left_padded_batch()
+    batched = pmoe.router_probs(ids, mask)
+    assert batched.shape == (3, 7, 3)
+    torch.testing.assert_close(batched.sum(-1), torch.ones(3, 7))
+    for row, n in enumerate(lengths):
+        alone = pmoe.router_probs(ids[row : row + 1, 7 - n :], mask[row : row + 1, 7 - n :])
+        torch.testing.assert_close(batched[row, 7 - n :], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_logits_of_left_padded_batch_equal_unpadded(family):
+    pmoe = _pmoe(family, experts=2)
+    perturb_adapters(pmoe, scale=0.3)
+    ids, mask, lengths = _left_padded_batch()
+    batched = pmoe(input_ids=ids, attention_mask=mask).logits
+    for row, n in enumerate(lengths):
+        alone = pmoe(input_ids=ids[row : row + 1, 7 - n :]).logits
+        torch.testing.assert_close(batched[row, 7 - n :], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_generate_with_cache_equals_stepwise_argmax(family):
+    pmoe = _pmoe(family, experts=3)
+    perturb_adapters(pmoe, scale=0.3)
+    ids, mask, _ = _left_padded_batch()
+    new = 6
+    out = pmoe.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
+    seq, m, done = ids, mask, torch.zeros(3, dtype=torch.bool)
+    for _ in range(new):
+        logits = pmoe(input_ids=seq, attention_mask=m, use_cache=False).logits[:, -1]
+        token = logits.argmax(-1).masked_fill(done, 0)  # finished rows are padded, as generate() does
+        done |= token == 2
+        seq = torch.cat([seq, token[:, None]], dim=1)
+        m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
+        if done.all():
+            break
+    assert torch.equal(out, seq)
+
+
+def _train_steps(pmoe: PMoEModel, steps: int = 4, seed: int = 0) -> None:
+    opt = torch.optim.AdamW(pmoe.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    pmoe.train()
+    for step in range(steps):
+        ids = random_tokens(4, 10, seed=seed * 100 + step)
+        pmoe(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pmoe.eval()
+
+
+def _trainable_names(pmoe: PMoEModel) -> set[str]:
+    return {n for n, _ in pmoe.named_trainable_parameters()}
+
+
+def test_trainable_parameters_are_shallow_lora_router_and_newest_expert(family):
+    pmoe = _pmoe(family, experts=3)
+    names = _trainable_names(pmoe)
+    shallow = {
+        f"{n}.{p}" for n, m in pmoe.named_modules() if isinstance(m, LoRALinear) for p in ("lora_A", "lora_B")
+    }
+    newest = {
+        f"{n}.{p}"
+        for n, m in pmoe.named_modules()
+        if isinstance(m, LoRAExpertBank)
+        for p in ("expert_A", "expert_B")
+    }
+    assert names == shallow | newest | {"router.weight"}
+    assert {n for n, p in pmoe.named_parameters() if p.requires_grad} == names
+    trainable, total = pmoe.parameter_counts()
+    assert trainable == sum(p.numel() for p in pmoe.trainable_parameters()) and trainable < total
+
+
+def test_earlier_experts_bit_identical_after_adamw_with_weight_decay(family):
+    pmoe = _pmoe(family, experts=1)
+    _train_steps(pmoe, seed=1)
+    pmoe.add_task()
+    frozen = {
+        n: (b.frozen_A.clone(), b.frozen_B.clone())
+        for n, b in pmoe.named_modules()
+        if isinstance(b, LoRAExpertBank)
+    }
+    before = {n: p.detach().clone() for n, p in pmoe.named_trainable_parameters()}
+    _train_steps(pmoe, seed=2)
+    for n, b in pmoe.named_modules():
+        if isinstance(b, LoRAExpertBank):
+            assert torch.equal(b.frozen_A, frozen[n][0]) and torch.equal(b.frozen_B, frozen[n][1])
+            assert torch.count_nonzero(b.frozen_B) > 0  # the first task did train it
+    after = dict(pmoe.named_trainable_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == set(before)  # shallow LoRA, router and new expert all moved
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        pmoe = _pmoe("llama", experts=2)
+        perturb_adapters(pmoe, scale=0.3)
+        if checkpointing:
+            pmoe.gradient_checkpointing_enable()
+        pmoe.train()
+        ids = random_tokens(2, 8)
+        pmoe(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in pmoe.named_trainable_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    assert torch.count_nonzero(grads[1]["router.weight"]) > 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="use_reentrant"):
+        pmoe.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
+def test_save_load_round_trip_gives_identical_logits_and_router_probs(family, tmp_path):
+    pmoe = _pmoe(family, experts=3)
+    perturb_adapters(pmoe)
+    pmoe.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = PMoEModel.from_pretrained(build_tiny(family), tmp_path)
+    assert loaded.num_experts == 3 and _trainable_names(loaded) == _trainable_names(pmoe)
+    ids, mask, _ = _left_padded_batch()
+    assert torch.equal(
+        loaded(input_ids=ids, attention_mask=mask).logits, pmoe(input_ids=ids, attention_mask=mask).logits
+    )
+    assert torch.equal(loaded.router_probs(ids, mask), pmoe.router_probs(ids, mask))
+
+
+def test_loading_onto_a_different_base_model_is_refused(tmp_path):
+    pmoe = _pmoe("llama", experts=1)
+    pmoe.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="num_blocks=4.*num_blocks=2"):
+        PMoEModel.from_pretrained(build_tiny("llama", layers=2), tmp_path)
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        PMoEModel.from_pretrained(build_tiny("qwen2"), tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta["num_experts"] = 2
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="router.weight has shape .1, 32.*expects .2, 32"):
+        PMoEModel.from_pretrained(build_tiny("llama"), tmp_path)
+    meta["num_experts"], meta["target_modules"] = 1, ["q_proj", "v_proj", "k_proj"]
+    meta["pmoe"]["target_modules"] = meta["target_modules"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not match.*missing.*k_proj"):
+        PMoEModel.from_pretrained(build_tiny("llama"), tmp_path)
+    with pytest.raises(ValueError, match="not a saved PMoE"):
+        PMoEModel.from_pretrained(build_tiny("llama"), tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("tau", [5, -1, 1.5, True])
+def test_tau_outside_range_is_refused(tau):
+    with pytest.raises(ValueError, match="tau"):
+        PMoEModel(build_tiny("llama"), PMoEConfig(tau=tau))
+
+
+def test_unknown_target_module_lists_the_ones_that_exist():
+    with pytest.raises(ValueError, match=r"'qkv'.*gate_proj.*k_proj.*q_proj"):
+        PMoEModel(build_tiny("llama"), PMoEConfig(target_modules=["qkv"]))
+
+
+def test_user_target_modules_override_family_default():
+    pmoe = PMoEModel(build_tiny("llama"), PMoEConfig(tau=2, target_modules=["q_proj", "mlp.down_proj"]))
+    wrapped = {
+        n.rsplit(".", 1)[1] for n, m in pmoe.named_modules() if isinstance(m, (LoRALinear, LoRAExpertBank))
+    }
+    assert wrapped == {"q_proj", "down_proj"}
+
+
+def test_non_decoder_models_are_refused():
+    t5 = T5ForConditionalGeneration(
+        T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+    )
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        PMoEModel(t5)
+    headless = LlamaModel(
+        LlamaConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+        )
+    )
+    with pytest.raises(ValueError, match="AutoModelForCausalLM"):
+        PMoEModel(headless)
+    with pytest.raises(ValueError, match="already carries"):
+        PMoEModel(_pmoe("llama").base_model)
