@@ -240,3 +240,20 @@ def test_non_decoder_models_are_refused():
         PMoEModel(headless)
     with pytest.raises(ValueError, match="already carries"):
         PMoEModel(_pmoe("llama").base_model)
+
+
+def test_shallow_lora_matches_peft_lora_with_the_same_weights():
+    peft = pytest.importorskip("peft")
+    ours = PMoEModel(build_tiny("llama"), PMoEConfig(tau=4, rank=2, alpha=4))  # every block shallow
+    perturb_adapters(ours)
+    theirs = peft.get_peft_model(
+        build_tiny("llama"), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    )
+    with torch.no_grad():
+        for name, module in ours.named_modules():
+            if isinstance(module, LoRALinear):
+                peft_layer = theirs.base_model.model.get_submodule(name.removeprefix("base_model."))
+                peft_layer.lora_A["default"].weight.copy_(module.lora_A)
+                peft_layer.lora_B["default"].weight.copy_(module.lora_B)
+    ids = random_tokens(2, 9)
+    torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
