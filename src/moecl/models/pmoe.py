@@ -33,6 +33,7 @@ from moecl.adapters.expert_bank import LoRAExpertBank
 from moecl.adapters.lora import LINEAR_TYPES, LoRALinear
 from moecl.adapters.router import GateState, Router
 from moecl.adapters.state import ADAPTER_TYPES, adapter_state_dict, named_adapter_parameters
+from moecl.io import atomic_path, atomic_write_json
 from moecl.models.architectures import (
     check_causal_lm,
     decoder_blocks,
@@ -244,12 +245,9 @@ class PMoEModel(nn.Module):
             "base_model": self._describe_base(),
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(self).items()}
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, directory / WEIGHTS_NAME)
-        tmp = directory / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, directory / CONFIG_NAME)
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        atomic_write_json(directory / CONFIG_NAME, meta)
 
     @classmethod
     def from_pretrained(cls, base_model: PreTrainedModel, directory: str | os.PathLike) -> PMoEModel:

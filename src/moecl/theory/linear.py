@@ -29,6 +29,7 @@ routed expert's term, with ``f = 1/t``). The code's un-squared metrics are the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -236,8 +237,13 @@ def update_flags(flags: np.ndarray, h: np.ndarray, routed: np.ndarray, gamma: fl
 # -- the whole simulation ---------------------------------------------------------------------
 
 
-def simulate(cfg: LinearMoEConfig, runs: int = 1, seed: int = 0) -> LinearMoEResult:
-    """Run ``runs`` independent simulations of ``cfg.T`` rounds, vectorised over runs."""
+def simulate(
+    cfg: LinearMoEConfig, runs: int = 1, seed: int = 0, progress: Callable[[], None] | None = None
+) -> LinearMoEResult:
+    """Run ``runs`` independent simulations of ``cfg.T`` rounds, vectorised over runs.
+
+    ``progress`` is called after every round (all runs advance together).
+    """
     R, M, T = runs, cfg.M, cfg.T
     w_star, n, X, noise = [], [], [], []
     for i in range(R):
@@ -285,4 +291,6 @@ def simulate(cfg: LinearMoEConfig, runs: int = 1, seed: int = 0) -> LinearMoERes
         )
         err_at_train[:, t] = current[:, t]
         F[:, t], G[:, t] = forgetting_and_error(current, err_at_train[:, : t + 1], cfg.metrics)
+        if progress is not None:
+            progress()
     return LinearMoEResult(cfg, F, G, routed, n, terminated_at, theta_norm)

@@ -44,3 +44,17 @@ def forgetting_and_error(
     diff = current[..., :-1] - at_train[..., :-1]
     f = (np.abs(diff) if metrics == "code" else diff).mean(axis=-1)
     return f, g
+
+
+def past_task_errors(errors: np.ndarray, routed: np.ndarray, task: np.ndarray) -> np.ndarray:
+    """Pick, for each past round, the error of its expert on its task.
+
+    Args:
+        errors: ``(runs, M, N)``, every expert's current error on every task kind.
+        routed, task: ``(runs, t)``, the expert and task kind of rounds ``1..t``.
+
+    Returns:
+        ``(runs, t)``: ``errors[r, routed[r, tau], task[r, tau]]``.
+    """
+    runs, _, n = errors.shape
+    return np.take_along_axis(errors.reshape(runs, -1), routed * n + task, axis=1)
