@@ -131,9 +131,7 @@ def main() -> None:
     models = {"pmoe_T1": pmoe(1), "pmoe_T8": pmoe(8), "pmoe_T32": pmoe(32), "peft_lora": peft_lora()}
     steps = {name: step_fn(m, ids) for name, m in models.items()}
     steps["loop_T32"] = step_fn(pmoe(32), ids, loop=True)
-    trainable = {
-        name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in models.items()
-    }
+    trainable = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in models.items()}
 
     print(f"torch {torch.__version__}, {args.threads} threads, batch {BATCH}x{SEQ}, {args.rounds} rounds")
     step_times = interleaved(steps, args.rounds, args.warmup)

@@ -54,9 +54,7 @@ def load_base(name_or_path: str | None) -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model", default=None, help="Hugging Face name or local directory (default: tiny random)"
-    )
+    parser.add_argument("--model", default=None, help="Hugging Face name or local directory (default: tiny random)")
     parser.add_argument("--steps", type=int, default=150, help="AdamW steps per task")
     args = parser.parse_args()
     model = PMoEModel(
@@ -82,9 +80,7 @@ def main() -> None:
             losses = {t: answer_loss(model, ids).item() for t, ids in held_out.items()}
             gates = {t: model.router_probs(ids).mean(dim=(0, 1)).tolist() for t, ids in held_out.items()}
         trainable, total = model.parameter_counts()
-        print(
-            f"after task {task}: held-out loss " + ", ".join(f"task {t}: {v:.3f}" for t, v in losses.items())
-        )
+        print(f"after task {task}: held-out loss " + ", ".join(f"task {t}: {v:.3f}" for t, v in losses.items()))
         for t, g in gates.items():
             print(f"  mean router gate on task {t}: " + " ".join(f"{x:.2f}" for x in g))
         print(f"  trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")

@@ -117,14 +117,9 @@ def _trainable_names(pmoe: PMoEModel) -> set[str]:
 def test_trainable_parameters_are_shallow_lora_router_and_newest_expert(family):
     pmoe = _pmoe(family, experts=3)
     names = _trainable_names(pmoe)
-    shallow = {
-        f"{n}.{p}" for n, m in pmoe.named_modules() if isinstance(m, LoRALinear) for p in ("lora_A", "lora_B")
-    }
+    shallow = {f"{n}.{p}" for n, m in pmoe.named_modules() if isinstance(m, LoRALinear) for p in ("lora_A", "lora_B")}
     newest = {
-        f"{n}.{p}"
-        for n, m in pmoe.named_modules()
-        if isinstance(m, LoRAExpertBank)
-        for p in ("expert_A", "expert_B")
+        f"{n}.{p}" for n, m in pmoe.named_modules() if isinstance(m, LoRAExpertBank) for p in ("expert_A", "expert_B")
     }
     assert names == shallow | newest | {"router.weight"}
     assert {n for n, p in pmoe.named_parameters() if p.requires_grad} == names
@@ -137,9 +132,7 @@ def test_earlier_experts_bit_identical_after_adamw_with_weight_decay(family):
     _train_steps(pmoe, seed=1)
     pmoe.add_task()
     frozen = {
-        n: (b.frozen_A.clone(), b.frozen_B.clone())
-        for n, b in pmoe.named_modules()
-        if isinstance(b, LoRAExpertBank)
+        n: (b.frozen_A.clone(), b.frozen_B.clone()) for n, b in pmoe.named_modules() if isinstance(b, LoRAExpertBank)
     }
     before = {n: p.detach().clone() for n, p in pmoe.named_trainable_parameters()}
     _train_steps(pmoe, seed=2)
@@ -219,22 +212,16 @@ def test_unknown_target_module_lists_the_ones_that_exist():
 
 def test_user_target_modules_override_family_default():
     pmoe = PMoEModel(build_tiny("llama"), PMoEConfig(tau=2, target_modules=["q_proj", "mlp.down_proj"]))
-    wrapped = {
-        n.rsplit(".", 1)[1] for n, m in pmoe.named_modules() if isinstance(m, (LoRALinear, LoRAExpertBank))
-    }
+    wrapped = {n.rsplit(".", 1)[1] for n, m in pmoe.named_modules() if isinstance(m, (LoRALinear, LoRAExpertBank))}
     assert wrapped == {"q_proj", "down_proj"}
 
 
 def test_non_decoder_models_are_refused():
-    t5 = T5ForConditionalGeneration(
-        T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
-    )
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8))
     with pytest.raises(ValueError, match="encoder-decoder"):
         PMoEModel(t5)
     headless = LlamaModel(
-        LlamaConfig(
-            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
-        )
+        LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
     )
     with pytest.raises(ValueError, match="AutoModelForCausalLM"):
         PMoEModel(headless)

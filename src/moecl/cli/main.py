@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from moecl.cli.run import RUN_DESCRIPTION, add_run_arguments, run_command, show_command
 from moecl.theory.experiments import DEFAULT_RUNS, run_setting, settings_for, write_report
 
 THEORY_HELP = """\
@@ -40,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Continual learning of LLMs with mixtures of LoRA experts, and the theory behind them.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser(
+        "run",
+        help="train a method over a task stream and score it (the main job)",
+        description=RUN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_run_arguments(run)
+    run.set_defaults(handler=run_command)
+    show = commands.add_parser("show", help="print a finished run's R matrix, OP, BWT and router allocation")
+    show.add_argument("run_dir", type=Path, help="a run folder written by `moecl run`")
+    show.set_defaults(handler=show_command)
     theory = commands.add_parser(
         "theory",
         help="simulate seed 003's MoE continual-learning theory",
@@ -47,9 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     theory.add_argument("experiment", choices=sorted(DEFAULT_RUNS), help="which experiment to run")
-    theory.add_argument(
-        "--out", type=Path, required=True, help="directory for the figures, tables and curves"
-    )
+    theory.add_argument("--out", type=Path, required=True, help="directory for the figures, tables and curves")
     theory.add_argument(
         "--seeds",
         type=int,
@@ -67,8 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics",
         choices=["paper", "code"],
         default="paper",
-        help="paper: squared-norm F_t and G_t (default); code: the official code's "
-        "un-squared, absolute-change variant",
+        help="paper: squared-norm F_t and G_t (default); code: the official code's un-squared, absolute-change variant",
     )
     theory.add_argument(
         "--rounds",
@@ -85,9 +94,7 @@ def run_theory(args: argparse.Namespace, console: Console) -> int:
     runs = args.seeds or DEFAULT_RUNS[args.experiment]
     if runs < 1:
         raise ValueError(f"--seeds must be at least 1, got {runs}")
-    settings = settings_for(
-        args.experiment, termination=not args.no_termination, metrics=args.metrics, T=args.rounds
-    )
+    settings = settings_for(args.experiment, termination=not args.no_termination, metrics=args.metrics, T=args.rounds)
     per_round_runs = 1 if args.experiment != "digits" else runs  # linear runs advance together
     start = time.perf_counter()
     results = {}

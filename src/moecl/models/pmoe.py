@@ -202,9 +202,7 @@ class PMoEModel(nn.Module):
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
-    def router_probs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def router_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Router distribution per token, ``(batch, seq, num_experts)``; each row sums to 1."""
         if not self.num_experts:
             raise ValueError("the model has no experts yet; call add_task() first")

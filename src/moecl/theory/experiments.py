@@ -58,13 +58,9 @@ def settings_for(
         grid = [(f"M={m}", {"M": m}) for m in (1, 4, 7)]
     elif experiment == "threshold":
         if not termination:
-            raise ValueError(
-                "the threshold experiment sweeps the termination threshold; drop --no-termination"
-            )
+            raise ValueError("the threshold experiment sweeps the termination threshold; drop --no-termination")
         base = LinearMoEConfig(N=30, M=5, T=500, metrics=metrics)
-        settings = [
-            Setting(f"Gamma=0.4^{e:g}", replace(base, gamma_exponent=e)) for e in (0.75, 1.0, 1.25, 1.5)
-        ]
+        settings = [Setting(f"Gamma=0.4^{e:g}", replace(base, gamma_exponent=e)) for e in (0.75, 1.0, 1.25, 1.5)]
         settings.append(Setting("M=5,no-termination", replace(base, termination=False)))
         return [Setting(s.key, replace(s.config, T=T or s.config.T)) for s in settings]
     else:

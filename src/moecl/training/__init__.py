@@ -1,0 +1,1 @@
+"""The continual training template: one loop over the task stream, methods plug in at its seams."""

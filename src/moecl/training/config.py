@@ -1,0 +1,87 @@
+"""Every option of ``moecl run``, with its default and help (the CLI is generated from this)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from moecl.evaluation.continual import BWT_CONVENTIONS
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class RunConfig:
+    """A continual-learning run: which method, model and task stream, and how to train."""
+
+    method: str = _opt("pmoe", "continual-learning method", choices=["pmoe"])
+    model: str = _opt("smollm2-135m", "Hugging Face name or local folder, or an alias: smollm2-135m, tiny-random")
+    benchmark: str = _opt("mini-trace", "task stream", choices=["mini-trace", "smoke", "trace"])
+    data_dir: str | None = _opt(
+        None, "folder of <Task>/{train,test}.json (TRACE format); required by --benchmark trace"
+    )
+    tasks: list[str] | None = _opt(None, "comma-separated task names selecting and ordering the stream")
+    train_size: int | None = _opt(None, "cap on training examples per task (seeded sample)")
+    test_size: int | None = _opt(None, "cap on test examples per task (seeded sample)")
+    seed: int = _opt(0, "seed of data order, sampling, initialisation and replay")
+    epochs: int = _opt(3, "epochs over each task's training data (replay included)")
+    lr: float = _opt(1e-3, "peak AdamW learning rate")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup_ratio: float = _opt(0.1, "share of each task's steps spent warming the learning rate up")
+    batch_size: int = _opt(8, "effective batch size (micro-batch x accumulation x processes)")
+    micro_batch_size: int = _opt(8, "examples per forward pass on one process")
+    max_prompt_tokens: int = _opt(320, "prompts are truncated from the left to this many tokens")
+    max_answer_tokens: int = _opt(64, "answers are truncated to this many tokens in training")
+    max_new_tokens: int | None = _opt(None, "generation length at evaluation (default: longest training answer + 4)")
+    eval_batch_size: int = _opt(16, "prompts per generation batch")
+    replay: float = _opt(0.01, "fraction of each past task's training data kept and mixed into later tasks")
+    lambda_route: float = _opt(0.0, "weight of PMoE's router loss (Eq. 7) against the task id; 0 = off")
+    tau: float | int = _opt(0.75, "PMoE: last shallow block, an int (blocks) or a float fraction of them")
+    rank: int = _opt(4, "LoRA rank")
+    alpha: float = _opt(8.0, "LoRA alpha (deltas scaled by alpha / rank)")
+    lora_dropout: float = _opt(0.0, "dropout on the adapters' input")
+    target_modules: list[str] | None = _opt(None, "comma-separated projections to adapt (default: the family's q,v)")
+    eval_all_tasks: bool = _opt(False, "after every task evaluate all tasks, and the base model first (enables FWT)")
+    bwt_convention: str = _opt("seed", "BWT definition", choices=list(BWT_CONVENTIONS))
+
+    def __post_init__(self) -> None:
+        for name in ("tasks", "target_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [v.strip() for v in value.split(",") if v.strip()])
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        if self.benchmark == "trace" and not self.data_dir:
+            raise ValueError("--benchmark trace reads TRACE's files: pass --data-dir DIR")
+        if self.batch_size < 1 or self.micro_batch_size < 1 or self.epochs < 1:
+            raise ValueError("batch_size, micro_batch_size and epochs must be at least 1")
+        if not 0 <= self.replay <= 1:
+            raise ValueError(f"replay is a fraction in [0, 1], got {self.replay}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A tiny random model learns the smoke stream only with every projection adapted and a high lr.
+    "smoke": dict(
+        model="tiny-random",
+        benchmark="smoke",
+        epochs=10,
+        lr=1e-2,
+        batch_size=8,
+        micro_batch_size=8,
+        replay=0.1,
+        tau=1,
+        rank=8,
+        alpha=16.0,
+        max_prompt_tokens=96,
+        max_answer_tokens=24,
+        eval_batch_size=24,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
+}

@@ -1,0 +1,299 @@
+"""A continual-learning run end to end: train over the stream, fill ``R``, write the run folder.
+
+The run folder (``--out``) is a contract other commands and users rely on::
+
+    config.json          the fully resolved RunConfig
+    state.json           progress: tasks completed, R rows so far (written last after each task)
+    results.json         method, model, benchmark, tasks, metrics, R, OP, BWT, FWT, bwt_convention,
+                         router_allocation, seed, trainable_params, total_params, wall_seconds, ...
+    predictions/after-task-<t>/<task>.jsonl   prompt, answer, prediction, score per test example
+    checkpoints/task-<t>/                     the method's weights after task t (safetensors)
+    replay.json          the replay memory
+    log.jsonl            loss, lr, step, task per optimizer step
+
+Crash safety: every file is written atomically, and ``state.json`` only after a task's
+checkpoint, predictions and replay memory are on disk. Re-running the same command resumes
+after the last completed task; every RNG is re-seeded from ``(seed, task)`` at the start of a
+task, so the resumed run produces the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from moecl.data.trace import Task, load_benchmark
+from moecl.evaluation.continual import backward_transfer, forward_transfer, overall_performance
+from moecl.evaluation.generation import encode_prompts, generate, max_new_tokens_for, score_predictions
+from moecl.io import atomic_write_json, atomic_write_text
+from moecl.methods import METHODS
+from moecl.methods.base import Method
+from moecl.models.loading import cache_dir, load_model
+from moecl.training.batches import Collator
+from moecl.training.config import RunConfig
+from moecl.training.replay import ReplayMemory
+from moecl.training.trainer import seed_everything, train_task
+
+
+def benchmark_root(config: RunConfig) -> Path:
+    """Where the stream's TRACE-format files are, building ``smoke``/``mini-trace`` if needed."""
+    if config.benchmark == "trace":
+        return Path(config.data_dir)
+    if config.data_dir:
+        raise ValueError(f"--data-dir is for --benchmark trace; {config.benchmark!r} is built by moecl")
+    if config.benchmark == "smoke":
+        from moecl.data.smoke import build_smoke
+
+        root = cache_dir() / "data" / "smoke"
+        return root if (root / "moecl_tasks.json").is_file() else build_smoke(root)
+    from moecl.data.mini_trace import build_mini_trace
+
+    return build_mini_trace(cache_dir() / "data" / "mini-trace")
+
+
+def load_tasks(config: RunConfig) -> list[Task]:
+    return load_benchmark(benchmark_root(config), config.tasks, config.train_size, config.test_size, config.seed)
+
+
+def prepare_out(out: Path, config: RunConfig, force: bool) -> None:
+    """Refuse a folder made with another config (unless ``force``, which starts it over)."""
+    saved_path = out / "config.json"
+    if saved_path.is_file():
+        saved = json.loads(saved_path.read_text())
+        if saved != config.to_dict():
+            if not force:
+                differ = sorted(
+                    k for k in set(saved) | set(config.to_dict()) if saved.get(k) != config.to_dict().get(k)
+                )
+                raise ValueError(
+                    f"{out} holds a run made with a different config (differs in: {', '.join(differ)}); "
+                    "re-run with the same options to resume it, choose another --out, or pass "
+                    "--force to start it over"
+                )
+            shutil.rmtree(out)
+
+
+class Run:
+    """One continual-learning run over ``tasks`` into ``out`` (see the module docstring)."""
+
+    def __init__(self, config: RunConfig, out: Path, tasks: list[Task], console: Console | None = None):
+        self.config, self.out, self.tasks = config, out, tasks
+        self.accelerator = Accelerator()
+        self.main = self.accelerator.is_main_process
+        self.console = console or Console()
+        self.method: Method = METHODS[config.method](config)
+        state_path = out / "state.json"
+        self.state: dict[str, Any] = (
+            json.loads(state_path.read_text())
+            if state_path.is_file()
+            else {"completed": 0, "R": [], "zero_shot": None, "train": [], "wall_seconds": 0.0}
+        )
+
+    # -- files (main process only) ------------------------------------------------------------
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.main:
+            with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _trim_log(self) -> None:
+        """Drop log lines of a task that was interrupted (it is trained again from its start)."""
+        path = self.out / "log.jsonl"
+        if self.main and path.is_file():
+            keep = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["task"] < self.state["completed"]
+            ]
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def evaluate(
+        self, model: torch.nn.Module, tokenizer, task: Task, progress: Progress, label: str
+    ) -> tuple[float, list[dict]]:
+        """Score on ``task``'s test set; the examples are split across processes."""
+        acc = self.accelerator
+        bar = progress.add_task(f"eval {task.name} {label}", total=len(task.test))
+        with acc.split_between_processes(list(range(len(task.test)))) as part:
+            examples = [task.test[i] for i in part]
+            raw = generate(
+                model,
+                tokenizer,
+                [e.prompt for e in examples],
+                self.config.max_new_tokens or max_new_tokens_for(task, tokenizer, self.config.max_answer_tokens),
+                self.config.max_prompt_tokens,
+                self.config.eval_batch_size,
+                lambda n: progress.advance(bar, n * acc.num_processes),
+            )
+            local = [asdict(p) for p in score_predictions(task, examples, raw)]
+        preds = gather(acc, local)
+        progress.remove_task(bar)
+        return sum(p["score"] for p in preds) / len(preds), preds
+
+    def evaluate_row(self, model, tokenizer, upto: int, progress: Progress, label: str) -> list[float | None]:
+        last = len(self.tasks) - 1 if self.config.eval_all_tasks else upto
+        row: list[float | None] = [None] * len(self.tasks)
+        for i in range(last + 1):
+            row[i], preds = self.evaluate(model, tokenizer, self.tasks[i], progress, label)
+            if self.main:
+                body = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
+                atomic_write_text(self.out / "predictions" / label / f"{self.tasks[i].name}.jsonl", body)
+        return row
+
+    @torch.no_grad()
+    def router_allocation(self, model, tokenizer) -> list[list[float]] | None:
+        """Mean gate per (task, expert) over each test set's prompt tokens; ``None`` without a router."""
+        rows = []
+        for task in self.tasks:
+            sums = None
+            for start in range(0, len(task.test), self.config.eval_batch_size):
+                prompts = [e.prompt for e in task.test[start : start + self.config.eval_batch_size]]
+                batch = encode_prompts(tokenizer, prompts, self.config.max_prompt_tokens)
+                means = self.method.gate_means(
+                    model,
+                    batch["input_ids"].to(self.accelerator.device),
+                    batch["attention_mask"].to(self.accelerator.device),
+                )
+                if means is None:
+                    return None
+                sums = means.sum(0) if sums is None else sums + means.sum(0)
+            rows.append([round(float(x), 6) for x in sums / len(task.test)])
+        return rows
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def execute(self) -> dict[str, Any]:
+        cfg, out, acc = self.config, self.out, self.accelerator
+        start = time.perf_counter()
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / "config.json", cfg.to_dict())
+        base, tokenizer = load_model(cfg.model, seed=cfg.seed)
+        done = self.state["completed"]
+        if done:
+            model = self.method.load(base, out / "checkpoints" / f"task-{done - 1}")
+            memory = ReplayMemory.from_json(json.loads((out / "replay.json").read_text()), cfg.replay, cfg.seed)
+            self.console.print(f"resuming {out} after task {done} of {len(self.tasks)}")
+        else:
+            model = self.method.wrap(base)
+            memory = ReplayMemory(cfg.replay, cfg.seed)
+        self._trim_log()
+        model.to(acc.device)
+        collator = Collator(tokenizer, cfg.max_prompt_tokens, cfg.max_answer_tokens)
+        columns = (
+            TextColumn("{task.description:<36}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=self.console, disable=not self.main, transient=True) as progress:
+            if cfg.eval_all_tasks and self.state["zero_shot"] is None:
+                self.state["zero_shot"] = self.evaluate_row(
+                    model, tokenizer, len(self.tasks) - 1, progress, "zero-shot"
+                )
+            for t in range(done, len(self.tasks)):
+                task = self.tasks[t]
+                seed_everything(cfg.seed, t)
+                self.method.before_task(model, t)
+                items = [(t, e) for e in task.train] + memory.items
+                bar = progress.add_task(f"train {task.name} ({t + 1}/{len(self.tasks)})", total=None)
+                stats = train_task(
+                    acc,
+                    self.method,
+                    model,
+                    collator,
+                    items,
+                    cfg,
+                    t,
+                    self.log,
+                    lambda b=bar: progress.advance(b),
+                )
+                progress.remove_task(bar)
+                self.method.after_task(model, t)
+                memory.add_task(t, task.train)
+                row = self.evaluate_row(model, tokenizer, t, progress, f"after-task-{t}")
+                self.state["R"].append(row)
+                self.state["train"].append({"task": task.name, "examples": len(items), **stats})
+                self.state["completed"] = t + 1
+                self.state["wall_seconds"] += time.perf_counter() - start
+                start = time.perf_counter()
+                if self.main:
+                    self.method.save(model, out / "checkpoints" / f"task-{t}")
+                    atomic_write_json(out / "replay.json", memory.to_json())
+                    atomic_write_json(out / "state.json", self.state)  # last: marks task t complete
+                    self.console.print(r_table(self.tasks, self.state["R"], f"R after task {t + 1}"))
+                acc.wait_for_everyone()
+        results = self.results(model, tokenizer, time.perf_counter() - start)
+        if self.main:
+            atomic_write_json(out / "results.json", results)
+        acc.wait_for_everyone()
+        return results
+
+    def results(self, model, tokenizer, extra_seconds: float) -> dict[str, Any]:
+        cfg, R = self.config, self.state["R"]
+        trainable = sum(p.numel() for p in self.method.trainable_parameters(model))
+        total = (
+            model.parameter_counts()[1]
+            if hasattr(model, "parameter_counts")
+            else sum(p.numel() for p in model.parameters())
+        )
+        train = self.state["train"]
+        return {
+            "method": cfg.method,
+            "model": cfg.model,
+            "benchmark": cfg.benchmark,
+            "tasks": [t.name for t in self.tasks],
+            "metrics": {t.name: t.metric for t in self.tasks},
+            "R": R,
+            "OP": overall_performance(R),
+            "BWT": backward_transfer(R, cfg.bwt_convention),
+            "FWT": forward_transfer(R, self.state["zero_shot"]),
+            "bwt_convention": cfg.bwt_convention,
+            "zero_shot": self.state["zero_shot"],
+            "router_allocation": self.router_allocation(model, tokenizer),
+            "seed": cfg.seed,
+            "trainable_params": trainable,
+            "total_params": total,
+            "train": train,
+            "train_tokens": sum(s["tokens"] for s in train),
+            "wall_seconds": round(self.state["wall_seconds"] + extra_seconds, 2),
+        }
+
+
+def gather(accelerator: Accelerator, items: list) -> list:
+    if accelerator.num_processes == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
+
+
+def r_table(tasks: list[Task], R: list[list[float | None]], title: str) -> Table:
+    """The R matrix so far as a rich table: rows = after task t, columns = tasks, then OP."""
+    table = Table(title=title, show_lines=False)
+    table.add_column("after \\ on")
+    for task in tasks:
+        table.add_column(task.name, justify="right")
+    table.add_column("OP", justify="right")
+    for t, row in enumerate(R):
+        cells = ["-" if v is None else f"{v:.1f}" for v in row]
+        table.add_row(f"{t + 1}. {tasks[t].name}", *cells, f"{overall_performance(R, t):.1f}")
+    return table
+
+
+def run(config: RunConfig, out: Path, force: bool = False, console: Console | None = None) -> dict[str, Any]:
+    """Validate the data, check the run folder, then train and evaluate over the whole stream."""
+    tasks = load_tasks(config)  # every file is validated before anything is created or trained
+    prepare_out(out, config, force)
+    return Run(config, out, tasks, console).execute()

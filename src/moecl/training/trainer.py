@@ -1,0 +1,109 @@
+"""Training on one task of the stream: the loop every method shares (on Hugging Face Accelerate).
+
+``accelerate launch`` runs it data-parallel: the data loader is sharded across processes and
+gradients are averaged; the effective batch is ``micro_batch x accumulation x processes``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import get_cosine_schedule_with_warmup
+
+from moecl.data.trace import Example
+from moecl.methods.base import Method
+from moecl.training.batches import Collator
+from moecl.training.config import RunConfig
+
+
+def accumulation_steps(config: RunConfig, processes: int) -> int:
+    per_step = config.micro_batch_size * processes
+    if config.batch_size % per_step:
+        raise ValueError(
+            f"batch_size={config.batch_size} is not a multiple of micro_batch_size x processes "
+            f"= {config.micro_batch_size} x {processes}; change one of them"
+        )
+    return config.batch_size // per_step
+
+
+def seed_everything(seed: int, task_index: int) -> None:
+    """Seed every RNG from ``(seed, task)``, so a resumed run trains a task exactly as an
+    uninterrupted one does."""
+    value = random.Random(f"{seed}:{task_index}").randrange(2**31)
+    random.seed(value)
+    torch.manual_seed(value)
+
+
+def train_task(
+    accelerator: Accelerator,
+    method: Method,
+    model: nn.Module,
+    collator: Collator,
+    items: list[tuple[int, Example]],
+    config: RunConfig,
+    task_index: int,
+    log: Callable[[dict[str, Any]], None],
+    advance: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` on ``items`` (the task's examples and the replay memory) for ``config.epochs``.
+
+    Returns the task's training statistics (steps, tokens, seconds, last loss).
+    """
+    accum = accumulation_steps(config, accelerator.num_processes)
+    generator = torch.Generator().manual_seed(random.Random(f"order:{config.seed}:{task_index}").randrange(2**31))
+    loader = DataLoader(
+        items, batch_size=config.micro_batch_size, shuffle=True, generator=generator, collate_fn=collator
+    )
+    micro_per_epoch = math.ceil(len(items) / (config.micro_batch_size * accelerator.num_processes))
+    total_steps = max(1, math.ceil(micro_per_epoch * config.epochs / accum))
+    params = method.trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # The schedule is stepped by hand once per optimizer step (not handed to accelerate, which
+    # would step it once per process).
+    schedule = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    accelerator.gradient_accumulation_steps = accum
+    ddp_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    ddp_model.train()
+    step, tokens, last_loss = 0, 0, float("nan")
+    for _epoch in range(config.epochs):
+        for batch in loader:
+            with accelerator.accumulate(ddp_model):
+                outputs = ddp_model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    labels=batch["labels"],
+                )
+                loss = method.loss(model, batch, outputs)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            tokens += int(batch["attention_mask"].sum())
+            if accelerator.sync_gradients:
+                schedule.step()
+                step += 1
+                last_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
+                log(
+                    {
+                        "task": task_index,
+                        "step": step,
+                        "loss": round(last_loss, 6),
+                        "lr": schedule.get_last_lr()[0],
+                    }
+                )
+                if advance is not None:
+                    advance()
+    ddp_model.eval()
+    accelerator.free_memory()  # drop accelerate's references before the next task re-prepares
+    return {
+        "steps": step,
+        "tokens": tokens * accelerator.num_processes,
+        "last_loss": last_loss,
+        "planned_steps": total_steps,
+    }
