@@ -118,13 +118,16 @@ def default_out(config: RunConfig) -> Path:
 
 
 def run_command(args: argparse.Namespace, console: Console) -> int:
+    from accelerate import PartialState
+
     from moecl.training.run import run  # imported here so `moecl --help` stays fast
 
     config = resolve_config(args)
     out = args.out or default_out(config)
     results = run(config, out, force=args.force, console=console)
-    console.print(summary_line(results))
-    console.print(f"run folder: {out}")
+    if PartialState().is_main_process:  # under `accelerate launch`, one process reports
+        console.print(summary_line(results))
+        console.print(f"run folder: {out}")
     return 0
 
 

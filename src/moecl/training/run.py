@@ -88,7 +88,9 @@ class Run:
 
     def __init__(self, config: RunConfig, out: Path, tasks: list[Task], console: Console | None = None):
         self.config, self.out, self.tasks = config, out, tasks
-        self.accelerator = Accelerator()
+        # cpu=True on a machine without CUDA: that is what makes `accelerate launch` start gloo
+        # data parallelism over CPU processes instead of one independent run per process.
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.main = self.accelerator.is_main_process
         self.console = console or Console()
         self.method: Method = METHODS[config.method](config)
@@ -180,6 +182,7 @@ class Run:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out / "config.json", cfg.to_dict())
         base, tokenizer = load_model(cfg.model, seed=cfg.seed)
+        seed_everything(cfg.seed, -1)  # adapters' initial values (overwritten again when resuming)
         done = self.state["completed"]
         if done:
             model = self.method.load(base, out / "checkpoints" / f"task-{done - 1}")

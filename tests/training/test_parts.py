@@ -1,0 +1,47 @@
+import math
+
+import pytest
+import torch
+
+from moecl.data.trace import Example
+from moecl.methods.pmoe import router_loss
+from moecl.models.loading import byte_tokenizer
+from moecl.training.batches import Collator
+from moecl.training.replay import ReplayMemory
+
+
+def test_replay_keeps_the_configured_share_of_each_past_task_only():
+    memory = ReplayMemory(fraction=0.1, seed=0)
+    tasks = {t: [Example(f"t{t} q{i}", "a") for i in range(n)] for t, n in enumerate([50, 7, 200])}
+    memory.add_task(0, tasks[0])
+    assert memory.tasks() == {0} and len(memory.items) == 5
+    memory.add_task(1, tasks[1])
+    assert len([1 for t, _ in memory.items if t == 1]) == math.ceil(0.7)  # at least one example
+    assert all(e in tasks[t] for t, e in memory.items)
+    again = ReplayMemory(0.1, 0)
+    again.add_task(0, tasks[0])
+    assert again.items == memory.items[:5]  # same seed, same sample
+    assert ReplayMemory.from_json(memory.to_json(), 0.1, 0).items == memory.items
+    empty = ReplayMemory(0.0)
+    empty.add_task(0, tasks[0])
+    assert empty.items == []
+
+
+def test_router_loss_is_mean_token_nll_of_the_task_expert():
+    probs = torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]])  # (1, 3, 2)
+    mask = torch.tensor([[0, 1, 1]])  # first token is padding
+    loss = router_loss(probs, torch.tensor([1]), mask)
+    assert loss.item() == pytest.approx(-(math.log(0.75) + math.log(0.1)) / 2)
+
+
+def test_collator_masks_prompt_and_padding_and_appends_eos():
+    tok = byte_tokenizer()
+    batch = Collator(tok, max_prompt_tokens=4, max_answer_tokens=2)(
+        [(0, Example("abcdef", "xyz")), (1, Example("q", "r"))]
+    )
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape == (2, 7)  # 4 prompt (left-truncated) + 2 answer + eos
+    assert tok.decode(ids[0, :4]) == "cdef" and tok.decode(ids[0, 4:6]) == "xy" and ids[0, 6] == tok.eos_token_id
+    assert labels[0, :4].eq(-100).all() and labels[0, 4:].tolist() == ids[0, 4:].tolist()
+    assert mask[1].tolist() == [0, 0, 0, 0, 1, 1, 1] and labels[1, :5].eq(-100).all()
+    assert batch["task_ids"].tolist() == [0, 1]

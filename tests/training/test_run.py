@@ -1,0 +1,140 @@
+"""End-to-end runs of `moecl run` in subprocesses (tiny random model, smoke stream)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moecl.data.trace import DataError
+from moecl.training.config import RunConfig
+from moecl.training.run import run
+
+FAST = ["run", "--preset", "smoke", "epochs=3", "train_size=24", "test_size=12"]
+
+
+def _env(tmp_path: Path) -> dict:
+    return {**os.environ, "MOECL_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+
+
+def _moecl(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "moecl.cli.main", *args], env=env, capture_output=True, text=True, timeout=300, **kw
+    )
+
+
+def _numbers(out: Path) -> dict:
+    r = json.loads((out / "results.json").read_text())
+    return {k: r[k] for k in ("R", "OP", "BWT", "router_allocation", "tasks", "trainable_params")}
+
+
+def test_smoke_run_writes_the_contract_then_resumes_after_sigkill_to_the_same_numbers(tmp_path):
+    env = _env(tmp_path)
+    straight = tmp_path / "straight"
+    done = _moecl([*FAST, "--out", str(straight)], env)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((straight / "results.json").read_text())
+    for key in (
+        "method",
+        "model",
+        "benchmark",
+        "tasks",
+        "metrics",
+        "R",
+        "OP",
+        "BWT",
+        "FWT",
+        "bwt_convention",
+        "router_allocation",
+        "seed",
+        "trainable_params",
+        "total_params",
+        "wall_seconds",
+    ):
+        assert key in results
+    assert len(results["R"]) == 4 and results["R"][0][1:] == [None, None, None]
+    assert len(results["router_allocation"]) == 4 and len(results["router_allocation"][0]) == 4
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == [f"task-{t}" for t in range(4)]
+    row = json.loads((straight / "predictions" / "after-task-3" / "copy.jsonl").read_text().splitlines()[0])
+    assert set(row) == {"prompt", "answer", "prediction", "score"}
+    steps = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert {s["task"] for s in steps} == {0, 1, 2, 3} and {"loss", "lr", "step"} <= set(steps[0])
+    memory = json.loads((straight / "replay.json").read_text())
+    assert {m["task"] for m in memory} == {0, 1, 2, 3}
+
+    shown = _moecl(["show", str(straight)], env)
+    assert shown.returncode == 0 and "OP" in shown.stdout
+
+    # Kill the same command while it trains task 3, then run it again.
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moecl.cli.main", *FAST, "--out", str(killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = killed / "state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["completed"] >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists()
+    resumed = _moecl([*FAST, "--out", str(killed)], env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    assert _numbers(killed) == _numbers(straight)
+    log = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
+    assert [(s["task"], s["step"]) for s in log] == [(s["task"], s["step"]) for s in steps]
+
+    refused = _moecl([*FAST, "lr=0.5", "--out", str(killed)], env)
+    assert refused.returncode == 2 and "different config" in refused.stdout and "--force" in refused.stdout
+
+
+def test_bad_data_stops_before_a_run_folder_exists(tmp_path):
+    data = tmp_path / "trace" / "FOMC"
+    data.mkdir(parents=True)
+    (data / "train.json").write_text('[{"prompt": "p", "answer": "a"}]')
+    (data / "test.json").write_text('[{"prompt": "p"}]')
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=r"FOMC/test.json: record 0: field 'answer' is missing"):
+        run(RunConfig(benchmark="trace", data_dir=str(tmp_path / "trace"), model="tiny-random"), out)
+    assert not out.exists()
+
+
+def test_two_process_accelerate_launch_on_cpu(tmp_path):
+    env = _env(tmp_path)
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "moecl.cli.main",
+        *FAST,
+        "epochs=1",
+        "micro_batch_size=4",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run folder:") == 1  # one process reports
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["R"]) == 4
+    # Sharded data: each optimizer step sees 4 examples per process, so a 24-example task takes 3 steps.
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert max(s["step"] for s in steps if s["task"] == 0) == 3
