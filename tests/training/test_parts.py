@@ -45,3 +45,14 @@ def test_collator_masks_prompt_and_padding_and_appends_eos():
     assert labels[0, :4].eq(-100).all() and labels[0, 4:].tolist() == ids[0, 4:].tolist()
     assert mask[1].tolist() == [0, 0, 0, 0, 1, 1, 1] and labels[1, :5].eq(-100).all()
     assert batch["task_ids"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_answer_loss_equals_the_models_own_label_loss(keep):
+    from moecl.models.loading import tiny_random
+    from moecl.training.batches import answer_loss
+
+    model, tok = tiny_random()
+    batch = Collator(tok, 32, 8)([(0, Example("a long prompt here", "ans")), (0, Example("hi", "longer answer"))])
+    expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    torch.testing.assert_close(answer_loss(model, batch, keep), expected)

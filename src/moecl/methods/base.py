@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moecl.training.config import RunConfig
 
@@ -36,9 +35,10 @@ class Method:
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], outputs: CausalLMOutputWithPast) -> torch.Tensor:
-        """Training loss of one batch; ``model`` is unwrapped (no DDP), ``outputs`` its forward."""
-        return outputs.loss
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], lm_loss: torch.Tensor) -> torch.Tensor:
+        """Training loss of one batch: the answer-token LM loss plus the method's own terms.
+        ``model`` is unwrapped (no DDP) and has just run the batch's forward."""
+        return lm_loss
 
     def after_task(self, model: nn.Module, task_index: int) -> None:
         """Called after training task ``task_index``, before it is evaluated."""

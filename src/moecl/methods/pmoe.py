@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moecl.methods.base import Method
 from moecl.models.pmoe import PMoEModel
@@ -30,8 +29,8 @@ class PMoEMethod(Method):
     def trainable_parameters(self, model: PMoEModel) -> list[torch.nn.Parameter]:
         return model.trainable_parameters()
 
-    def loss(self, model: PMoEModel, batch: dict[str, torch.Tensor], outputs: CausalLMOutputWithPast) -> torch.Tensor:
-        loss = outputs.loss
+    def loss(self, model: PMoEModel, batch: dict[str, torch.Tensor], lm_loss: torch.Tensor) -> torch.Tensor:
+        loss = lm_loss
         if self.config.lambda_route > 0:
             loss = loss + self.config.lambda_route * router_loss(
                 model.gate.probs, batch["task_ids"], batch["attention_mask"]

@@ -6,6 +6,7 @@ gradients are averaged; the effective batch is ``micro_batch x accumulation x pr
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from moecl.data.trace import Example
 from moecl.methods.base import Method
-from moecl.training.batches import Collator
+from moecl.training.batches import Collator, answer_loss
 from moecl.training.config import RunConfig
 
 
@@ -71,16 +72,12 @@ def train_task(
     accelerator.gradient_accumulation_steps = accum
     ddp_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ddp_model.train()
+    keep_logits = "logits_to_keep" in inspect.signature(base_forward(model)).parameters
     step, tokens, last_loss = 0, 0, float("nan")
     for _epoch in range(config.epochs):
         for batch in loader:
             with accelerator.accumulate(ddp_model):
-                outputs = ddp_model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    labels=batch["labels"],
-                )
-                loss = method.loss(model, batch, outputs)
+                loss = method.loss(model, batch, answer_loss(ddp_model, batch, keep_logits))
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -107,3 +104,9 @@ def train_task(
         "last_loss": last_loss,
         "planned_steps": total_steps,
     }
+
+
+def base_forward(model: nn.Module):
+    """The forward of the Hugging Face model inside ``model`` (whose keyword arguments it accepts)."""
+    inner = getattr(model, "base_model", model)
+    return inner.forward

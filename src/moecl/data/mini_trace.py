@@ -1,0 +1,238 @@
+"""``mini-trace``: an 8-task stream in TRACE's domains and order, built from real data offline.
+
+TRACE's data cannot be fetched here; BIG-bench 1.0.0 (Apache-2.0) can, as a PyPI sdist of
+``task.json`` files. Building downloads it once (``pip download --no-deps``, 358 MB), streams
+only the nine files it needs out of the archive, and writes the tasks *in TRACE's on-disk format*
+into the cache, so the same loader reads them and real TRACE data drops in with ``--data-dir``.
+The build is deterministic (seeded samples and option orders).
+
+| TRACE task (metric)     | mini-trace   | source (BIG-bench unless said)                          |
+|-------------------------|--------------|---------------------------------------------------------|
+| C-STANCE (accuracy)     | multiemo-zh  | multiemo/all_sentence_zh, Chinese sentiment, 4 letters  |
+| FOMC (accuracy)         | implicatures | implicatures: reply means yes or no, 2 letters          |
+| MeetingBank (ROUGE-L)   | xsum         | gem/xsum, one-sentence summary, article cut at 700 chars |
+| Py150 (edit similarity) | stdlib-py    | next line of this Python's standard library, 8 lines in |
+| ScienceQA (first char)  | physics      | physics: the formula that answers the question, letters |
+| NumGLUE-cm (accuracy)   | math-qa      | elementary_math_qa/question_only, 5 letters             |
+| NumGLUE-ds (accuracy)   | arithmetic   | arithmetic 2-digit +, -, x: the number                  |
+| 20Minuten (SARI)        | mlsum-de     | gem/mlsum_de, German summary's first sentence           |
+
+As in TRACE, several classification tasks answer in one format (option letters), so they compete
+for the same output tokens. ``stdlib-py`` depends on the Python version that builds it.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+from moecl.data.trace import MANIFEST, Example, Task, write_benchmark
+
+BIGBENCH = "bigbench==1.0.0"
+SDIST = "bigbench-1.0.0.tar.gz"
+PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+TRAIN, TEST = 300, 100
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def download_bigbench(downloads: Path) -> Path:
+    """The BIG-bench sdist, downloaded once with pip (no dependencies, never installed)."""
+    path = downloads / SDIST
+    if not path.is_file():
+        downloads.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-q",
+            BIGBENCH,
+            "-d",
+            str(downloads),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 or not path.is_file():
+            raise ValueError(
+                f"could not download {BIGBENCH} with `{' '.join(cmd)}`: {done.stderr.strip()[-500:]}; "
+                f"place {SDIST} in {downloads} by hand, or use --benchmark smoke"
+            )
+    return path
+
+
+def read_members(sdist: Path, names: set[str]) -> dict[str, bytes]:
+    """Stream the archive once and keep only the members named (relative to benchmark_tasks/)."""
+    import json
+
+    found: dict[str, bytes] = {}
+    with tarfile.open(sdist, mode="r|gz") as tar:
+        for member in tar:
+            name = member.name.removeprefix(PREFIX)
+            if member.name.startswith(PREFIX) and name in names:
+                found[name] = tar.extractfile(member).read()
+                if len(found) == len(names):
+                    break
+    missing = names - set(found)
+    if missing:
+        raise ValueError(f"{sdist} lacks {sorted(missing)}; delete it so that it is downloaded again")
+    return {k: json.loads(v) for k, v in found.items()}
+
+
+def _split(examples: list[Example], rng: random.Random) -> tuple[list[Example], list[Example]]:
+    examples = list(examples)
+    rng.shuffle(examples)
+    test = examples[: min(TEST, len(examples) // 2)]
+    return examples[len(test) : len(test) + TRAIN], test
+
+
+def multiple_choice(task: dict, instruction: str, rng: random.Random) -> list[Example]:
+    """Options in a seeded order, labelled (A), (B), ...; the answer is the correct letter."""
+    out = []
+    for ex in task["examples"]:
+        options = list(ex["target_scores"])
+        rng.shuffle(options)
+        best = max(options, key=lambda o: ex["target_scores"][o])
+        listed = "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+        out.append(
+            Example(
+                f"{instruction}\n{ex['input'].strip()}\nOptions:\n{listed}\nAnswer:", f" {LETTERS[options.index(best)]}"
+            )
+        )
+    return out
+
+
+def summaries(task: dict, instruction: str, label: str, first_sentence: bool = False) -> list[Example]:
+    out = []
+    for ex in task["examples"]:
+        target = ex["target"][0] if isinstance(ex["target"], list) else ex["target"]
+        if first_sentence:
+            target = re.split(r"(?<=[.!?])\s", target.strip(), maxsplit=1)[0]
+        article = " ".join(ex["input"].split())[:700]
+        out.append(Example(f"{instruction}\n{article}\n{label}:", f" {target.strip()}"))
+    return out
+
+
+def arithmetic(tasks: list[dict]) -> list[Example]:
+    return [
+        Example(
+            f"{ex['input'].strip()}\nAnswer:", f" {ex['target'] if isinstance(ex['target'], str) else ex['target'][0]}"
+        )
+        for task in tasks
+        for ex in task["examples"]
+    ]
+
+
+def stdlib_lines(rng: random.Random, count: int, context: int = 8) -> list[Example]:
+    """Next-line completion on the standard library of the running Python (Py150's stand-in)."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    out: list[Example] = []
+    while len(out) < count:
+        lines = rng.choice(files).read_text(encoding="utf-8", errors="replace").splitlines()
+        if len(lines) <= context + 1:
+            continue
+        i = rng.randrange(context, len(lines))
+        target = lines[i].strip()
+        if not 8 <= len(target) <= 80 or target.startswith("#"):
+            continue
+        prompt = "Complete the next line of Python code.\n" + "\n".join(lines[i - context : i])
+        out.append(Example(prompt + "\n", f" {target}"))
+    return out
+
+
+def build_tasks(data: dict[str, dict], seed: int) -> list[Task]:
+    rng = lambda name: random.Random(f"mini-trace:{seed}:{name}")  # noqa: E731
+    sentiment = "Is the opinion positive, negative, neutral or ambivalent?"
+    makers: list[tuple[str, str, Callable[[], list[Example]]]] = [
+        (
+            "multiemo-zh",
+            "accuracy",
+            lambda: multiple_choice(data["multiemo/all_sentence_zh/task.json"], sentiment, rng("multiemo-zh")),
+        ),
+        (
+            "implicatures",
+            "accuracy",
+            lambda: multiple_choice(
+                data["implicatures/task.json"], "Does Speaker 2's answer mean yes or no?", rng("implicatures")
+            ),
+        ),
+        (
+            "xsum",
+            "rouge_l",
+            lambda: summaries(data["gem/xsum/task.json"], "Summarize the article in one sentence.", "Summary"),
+        ),
+        ("stdlib-py", "edit_similarity", lambda: stdlib_lines(rng("stdlib-py"), TRAIN + TEST)),
+        (
+            "physics",
+            "first_char",
+            lambda: multiple_choice(
+                data["physics/task.json"], "Which formula is most useful to answer the question?", rng("physics")
+            ),
+        ),
+        (
+            "math-qa",
+            "accuracy",
+            lambda: multiple_choice(
+                data["elementary_math_qa/question_only/task.json"], "Solve the math word problem.", rng("math-qa")
+            ),
+        ),
+        (
+            "arithmetic",
+            "accuracy",
+            lambda: arithmetic(
+                [data[f"arithmetic/2_digit_{op}/task.json"] for op in ("addition", "subtraction", "multiplication")]
+            ),
+        ),
+        (
+            "mlsum-de",
+            "sari",
+            lambda: summaries(
+                data["gem/mlsum_de/task.json"],
+                "Fasse den Artikel in einem Satz zusammen.",
+                "Zusammenfassung",
+                first_sentence=True,
+            ),
+        ),
+    ]
+    tasks = []
+    for name, metric, make in makers:
+        examples = make()
+        if name == "multiemo-zh":  # 57k sentences: sample before splitting
+            examples = rng("pool").sample(examples, 2000)
+        train, test = _split(examples, rng(f"split:{name}"))
+        tasks.append(Task(name, metric, train, test))
+    return tasks
+
+
+SOURCES = {
+    "multiemo/all_sentence_zh/task.json",
+    "implicatures/task.json",
+    "gem/xsum/task.json",
+    "physics/task.json",
+    "elementary_math_qa/question_only/task.json",
+    "arithmetic/2_digit_addition/task.json",
+    "arithmetic/2_digit_subtraction/task.json",
+    "arithmetic/2_digit_multiplication/task.json",
+    "gem/mlsum_de/task.json",
+}
+
+
+def build_mini_trace(root: Path, seed: int = 0) -> Path:
+    """Build mini-trace under ``root`` unless it is there already; return ``root``."""
+    if (root / MANIFEST).is_file():
+        return root
+    data = read_members(download_bigbench(root.parent / "downloads"), SOURCES)
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_benchmark(tmp, build_tasks(data, seed))
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)  # the manifest appears with the whole stream, never half of it
+    return root
