@@ -8,8 +8,8 @@ The build is deterministic (seeded samples and option orders).
 
 | TRACE task (metric)     | mini-trace   | source (BIG-bench unless said)                          |
 |-------------------------|--------------|---------------------------------------------------------|
-| C-STANCE (accuracy)     | multiemo-zh  | multiemo/all_sentence_zh, Chinese sentiment, 4 letters  |
-| FOMC (accuracy)         | implicatures | implicatures: reply means yes or no, 2 letters          |
+| C-STANCE (accuracy)     | multiemo-en  | multiemo/all_sentence_en, sentiment, 4 fixed letters    |
+| FOMC (accuracy)         | implicatures | implicatures: reply means yes or no, 2 fixed letters    |
 | MeetingBank (ROUGE-L)   | xsum         | gem/xsum, one-sentence summary, article cut at 700 chars |
 | Py150 (edit similarity) | stdlib-py    | next line of this Python's standard library, 8 lines in |
 | ScienceQA (first char)  | physics      | physics: the formula that answers the question, letters |
@@ -18,7 +18,9 @@ The build is deterministic (seeded samples and option orders).
 | 20Minuten (SARI)        | mlsum-de     | gem/mlsum_de, German summary's first sentence           |
 
 As in TRACE, several classification tasks answer in one format (option letters), so they compete
-for the same output tokens. ``stdlib-py`` depends on the Python version that builds it.
+for the same output tokens. multiemo is taken in English, not Chinese as C-STANCE is: the default
+model (SmolLM2-135M) reads English only, and did not rise above chance on the Chinese sentences.
+``stdlib-py`` depends on the Python version that builds it.
 """
 
 from __future__ import annotations
@@ -94,12 +96,18 @@ def _split(examples: list[Example], rng: random.Random) -> tuple[list[Example], 
     return examples[len(test) : len(test) + TRAIN], test
 
 
-def multiple_choice(task: dict, instruction: str, rng: random.Random) -> list[Example]:
-    """Options in a seeded order, labelled (A), (B), ...; the answer is the correct letter."""
+def multiple_choice(task: dict, instruction: str, rng: random.Random, fixed: bool = False) -> list[Example]:
+    """Options labelled (A), (B), ...; the answer is the correct letter.
+
+    ``fixed``: a classification task whose classes keep one order (sorted), so a letter always
+    means the same class, as in TRACE's C-STANCE and FOMC; otherwise options are in a seeded
+    random order, as in a multiple-choice exam.
+    """
     out = []
     for ex in task["examples"]:
-        options = list(ex["target_scores"])
-        rng.shuffle(options)
+        options = sorted(ex["target_scores"]) if fixed else list(ex["target_scores"])
+        if not fixed:
+            rng.shuffle(options)
         best = max(options, key=lambda o: ex["target_scores"][o])
         listed = "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
         out.append(
@@ -153,15 +161,20 @@ def build_tasks(data: dict[str, dict], seed: int) -> list[Task]:
     sentiment = "Is the opinion positive, negative, neutral or ambivalent?"
     makers: list[tuple[str, str, Callable[[], list[Example]]]] = [
         (
-            "multiemo-zh",
+            "multiemo-en",
             "accuracy",
-            lambda: multiple_choice(data["multiemo/all_sentence_zh/task.json"], sentiment, rng("multiemo-zh")),
+            lambda: multiple_choice(
+                data["multiemo/all_sentence_en/task.json"], sentiment, rng("multiemo-en"), fixed=True
+            ),
         ),
         (
             "implicatures",
             "accuracy",
             lambda: multiple_choice(
-                data["implicatures/task.json"], "Does Speaker 2's answer mean yes or no?", rng("implicatures")
+                data["implicatures/task.json"],
+                "Does Speaker 2's answer mean yes or no?",
+                rng("implicatures"),
+                fixed=True,
             ),
         ),
         (
@@ -205,7 +218,7 @@ def build_tasks(data: dict[str, dict], seed: int) -> list[Task]:
     tasks = []
     for name, metric, make in makers:
         examples = make()
-        if name == "multiemo-zh":  # 57k sentences: sample before splitting
+        if name == "multiemo-en":  # 57k sentences: sample before splitting
             examples = rng("pool").sample(examples, 2000)
         train, test = _split(examples, rng(f"split:{name}"))
         tasks.append(Task(name, metric, train, test))
@@ -213,7 +226,7 @@ def build_tasks(data: dict[str, dict], seed: int) -> list[Task]:
 
 
 SOURCES = {
-    "multiemo/all_sentence_zh/task.json",
+    "multiemo/all_sentence_en/task.json",
     "implicatures/task.json",
     "gem/xsum/task.json",
     "physics/task.json",
