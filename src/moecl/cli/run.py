@@ -26,10 +26,11 @@ completed task. With no options: PMoE on SmolLM2-135M-Instruct over mini-trace.
 
 examples:
   moecl run                                   # the default job
-  moecl run --preset smoke --out runs/smoke   # under a minute, tiny random model
+  moecl run --preset smoke --out runs/smoke   # ~15 s, tiny random model, generated stream
   moecl run --config my.yaml lr=3e-4 replay=0.02
   moecl run --benchmark trace --data-dir TRACE/ --tasks C-STANCE,FOMC,ScienceQA
-  accelerate launch --num_processes 2 -m moecl.cli.main run ...   # data-parallel
+  accelerate launch --multi_gpu --num_processes 2 -m moecl.cli.main run --preset smoke micro_batch_size=4
+      # data-parallel; on a CPU-only machine this starts 2 gloo processes
 """
 
 

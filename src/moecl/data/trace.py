@@ -109,19 +109,24 @@ def _manifest(root: Path) -> dict:
 
 
 def task_order(root: Path, tasks: list[str] | None = None) -> list[str]:
-    """The tasks to run, in order: ``tasks`` if given, else the manifest's, else TRACE's, else sorted."""
+    """The tasks to run, in order: ``tasks`` if given; else the manifest's default selection; else
+    (and for ``tasks=["all"]``) the manifest's full order, else TRACE's, else sorted."""
     if not root.is_dir():
         raise DataError(
             f"benchmark directory {root} does not exist; pass --data-dir pointing at a folder "
             "of <Task>/{train,test}.json"
         )
     present = sorted(p.name for p in root.iterdir() if p.is_dir())
+    manifest = _manifest(root)
+    if tasks == ["all"]:
+        tasks = None
+    elif not tasks and manifest.get("default"):
+        tasks = manifest["default"]
     if tasks:
         missing = [t for t in tasks if t not in present]
         if missing:
             raise DataError(f"{root}: no task folder for {', '.join(missing)}; tasks there: {', '.join(present)}")
         return list(tasks)
-    manifest = _manifest(root)
     if manifest.get("order"):
         return list(manifest["order"])
     trace = [t for t in TRACE_ORDER if t in present]
@@ -161,8 +166,9 @@ def load_benchmark(
     return loaded
 
 
-def write_benchmark(root: Path, tasks: list[Task]) -> None:
-    """Write tasks in TRACE's format plus the manifest (order, metrics), atomically per file."""
+def write_benchmark(root: Path, tasks: list[Task], default: list[str] | None = None) -> None:
+    """Write tasks in TRACE's format plus the manifest (order, metrics, the default selection of
+    tasks a run takes when none are named), atomically per file."""
     from moecl.io import atomic_write_json
 
     for task in tasks:
@@ -173,4 +179,7 @@ def write_benchmark(root: Path, tasks: list[Task]) -> None:
                     root / task.name / f"{split}.json",
                     [{"prompt": e.prompt, "answer": e.answer} for e in examples],
                 )
-    atomic_write_json(root / MANIFEST, {"order": [t.name for t in tasks], "metrics": {t.name: t.metric for t in tasks}})
+    manifest = {"order": [t.name for t in tasks], "metrics": {t.name: t.metric for t in tasks}}
+    if default:
+        manifest["default"] = default
+    atomic_write_json(root / MANIFEST, manifest)

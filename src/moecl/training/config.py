@@ -22,12 +22,16 @@ class RunConfig:
     data_dir: str | None = _opt(
         None, "folder of <Task>/{train,test}.json (TRACE format); required by --benchmark trace"
     )
-    tasks: list[str] | None = _opt(None, "comma-separated task names selecting and ordering the stream")
-    train_size: int | None = _opt(None, "cap on training examples per task (seeded sample)")
-    test_size: int | None = _opt(None, "cap on test examples per task (seeded sample)")
+    tasks: list[str] | None = _opt(
+        None,
+        "comma-separated task names selecting and ordering the stream, or all; by default the stream's own "
+        "default selection (mini-trace: 4 of its 8 tasks, see the README)",
+    )
+    train_size: int | None = _opt(160, "cap on training examples per task (seeded sample); null: all")
+    test_size: int | None = _opt(100, "cap on test examples per task (seeded sample); null: all")
     seed: int = _opt(0, "seed of data order, sampling, initialisation and replay")
-    epochs: int = _opt(3, "epochs over each task's training data (replay included)")
-    lr: float = _opt(1e-3, "peak AdamW learning rate")
+    epochs: int = _opt(2, "epochs over each task's training data (replay included)")
+    lr: float = _opt(3e-3, "peak AdamW learning rate")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     warmup_ratio: float = _opt(0.1, "share of each task's steps spent warming the learning rate up")
     batch_size: int = _opt(8, "effective batch size (micro-batch x accumulation x processes)")
