@@ -93,3 +93,18 @@ def test_router_grows_by_one_zero_column_and_normalises():
     probs = router(torch.randn(2, 5, 16))
     assert probs.shape == (2, 5, 3)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 5))
+
+
+def test_router_normalises_its_input_unless_told_not_to():
+    h = torch.randn(2, 3, 16)
+    normed = Router(16)
+    plain = Router(16, normalize=False)
+    for router in (normed, plain):
+        router.add_expert()
+        router.add_expert()
+        with torch.no_grad():
+            router.weight.copy_(torch.linspace(-1, 1, 32).reshape(2, 16))
+    torch.testing.assert_close(normed(100 * h), normed(h))  # scale of h_tau does not saturate the gate
+    torch.testing.assert_close(plain(h), torch.softmax(h @ plain.weight.T, -1))
+    rms = h.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
+    torch.testing.assert_close(normed(h), torch.softmax((h * rms) @ normed.weight.T, -1))

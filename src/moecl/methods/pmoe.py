@@ -19,7 +19,14 @@ class PMoEMethod(Method):
         c = self.config
         return PMoEModel(
             base_model,
-            PMoEConfig(tau=c.tau, rank=c.rank, alpha=c.alpha, dropout=c.lora_dropout, target_modules=c.target_modules),
+            PMoEConfig(
+                tau=c.tau,
+                rank=c.rank,
+                alpha=c.alpha,
+                dropout=c.lora_dropout,
+                target_modules=c.target_modules,
+                router_norm=c.router_norm,
+            ),
         )
 
     def before_task(self, model: PMoEModel, task_index: int) -> None:

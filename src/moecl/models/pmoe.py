@@ -88,7 +88,11 @@ class PMoEModel(nn.Module):
         self._check_targets(blocks)
 
         self.gate = GateState()
-        self.router = Router(hidden_size(base_model), device=base_model.get_input_embeddings().weight.device)
+        self.router = Router(
+            hidden_size(base_model),
+            device=base_model.get_input_embeddings().weight.device,
+            normalize=self.config.router_norm,
+        )
         cfg = self.config
         for index, block in enumerate(blocks):
             shallow = index < self.tau

@@ -21,6 +21,8 @@ class PMoEConfig:
         target_modules: names of the projections to adapt inside each block, matched against
             the last component of the module path (``"q_proj"``) or the path inside the block
             (``"self_attn.q_proj"``). ``None`` takes the family's default (q and v).
+        router_norm: RMS-normalise ``h_tau`` before the router (see
+            :class:`~moecl.adapters.router.Router`); ``False`` is the paper's literal Eq. 4.
     """
 
     tau: int | float = 0.75
@@ -28,6 +30,7 @@ class PMoEConfig:
     alpha: float = 8.0
     dropout: float = 0.0
     target_modules: list[str] | None = field(default=None)
+    router_norm: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):

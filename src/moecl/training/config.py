@@ -45,6 +45,7 @@ class RunConfig:
     tau: float | int = _opt(0.75, "PMoE: last shallow block, an int (blocks) or a float fraction of them")
     rank: int = _opt(4, "LoRA rank")
     alpha: float = _opt(8.0, "LoRA alpha (deltas scaled by alpha / rank)")
+    router_norm: bool = _opt(True, "PMoE: RMS-normalise the router's input h_tau (off: the paper's literal Eq. 4)")
     lora_dropout: float = _opt(0.0, "dropout on the adapters' input")
     target_modules: list[str] | None = _opt(None, "comma-separated projections to adapt (default: the family's q,v)")
     eval_all_tasks: bool = _opt(False, "after every task evaluate all tasks, and the base model first (enables FWT)")
