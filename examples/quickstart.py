@@ -1,7 +1,7 @@
 """PMoE in one page: two tasks in sequence on a small causal LM, no task id at inference.
 
     python examples/quickstart.py                      # tiny random Llama, seconds on a CPU
-    python examples/quickstart.py --model DIR_OR_NAME  # any local Hugging Face causal LM
+    python examples/quickstart.py --model DIR_OR_NAME  # any local Hugging Face causal LM, or smollm2-135m
 
 Task 0 maps a token sequence to itself shifted by +1, task 1 by -1 on other tokens; task 1 replays
 a few task-0 rows per batch, without which the router learns to send everything to the newest
@@ -15,9 +15,9 @@ import argparse
 import tempfile
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from moecl import PMoEConfig, PMoEModel
+from moecl.models.loading import load_model
 
 SEQ, VOCAB_USED = 8, 40
 
@@ -37,24 +37,14 @@ def answer_loss(model: PMoEModel, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=labels).loss
 
 
-def load_base(name_or_path: str | None) -> torch.nn.Module:
-    if name_or_path:
-        return AutoModelForCausalLM.from_pretrained(name_or_path)
-    torch.manual_seed(0)  # the same random base every call, so saved adapters can be reloaded onto it
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        vocab_size=64,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+def load_base(name_or_path: str) -> torch.nn.Module:
+    """The same base model every call (``tiny-random`` is seeded), so saved adapters reload onto it."""
+    return load_model(name_or_path)[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="Hugging Face name or local directory (default: tiny random)")
+    parser.add_argument("--model", default="tiny-random", help="Hugging Face name or folder, or an alias of moecl run")
     parser.add_argument("--steps", type=int, default=150, help="AdamW steps per task")
     args = parser.parse_args()
     model = PMoEModel(

@@ -123,7 +123,8 @@ def test_forgetting_and_error_on_hand_computed_values():
 def test_cluster_purity():
     routed = np.array([[0, 0, 1, 1, 1]])
     cluster = np.array([[2, 2, 0, 0, 1]])
-    assert cluster_purity(routed, cluster, M=2, K=3)[0] == pytest.approx(4 / 5)
+    assert cluster_purity(routed, cluster, M=2, K=3, from_round=0)[0] == pytest.approx(4 / 5)
+    assert cluster_purity(routed, cluster, M=2, K=3)[0] == pytest.approx(2 / 3)  # default: second half
 
 
 @pytest.mark.parametrize("bad", [dict(s=10), dict(K=9), dict(metrics="other")])

@@ -114,7 +114,7 @@ class PMoEModel(nn.Module):
             blocks[self.tau - 1].register_forward_hook(self._route)
         else:
             blocks[0].register_forward_pre_hook(self._route_input, with_kwargs=True)
-        self._accepts_position_ids = "position_ids" in inspect.signature(base_model.forward).parameters
+        self._forward_params = set(inspect.signature(base_model.forward).parameters)
 
     # -- structure -------------------------------------------------------------------------
 
@@ -198,7 +198,7 @@ class PMoEModel(nn.Module):
         """
         if (
             attention_mask is not None
-            and self._accepts_position_ids
+            and "position_ids" in self._forward_params
             and kwargs.get("position_ids") is None
             and kwargs.get("past_key_values") is None
         ):
@@ -210,7 +210,9 @@ class PMoEModel(nn.Module):
         """Router distribution per token, ``(batch, seq, num_experts)``; each row sums to 1."""
         if not self.num_experts:
             raise ValueError("the model has no experts yet; call add_task() first")
-        self.forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        # Only the gate is wanted: skip the vocabulary projection of every position where we can.
+        skip = {"logits_to_keep": 1} if "logits_to_keep" in self._forward_params else {}
+        self.forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **skip)
         return self.gate.probs.detach().clone()
 
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -117,14 +117,16 @@ class LinearMoEResult:
     def purity(self, from_round: int | None = None) -> np.ndarray:
         """Per run, the share of tasks (from ``from_round``, default the second half) that went to
         an expert's majority cluster: 1 means every expert serves a single cluster."""
-        start = self.config.T // 2 if from_round is None else from_round
-        return cluster_purity(
-            self.routed[:, start:], self.task[:, start:] % self.config.K, self.config.M, self.config.K
-        )
+        return cluster_purity(self.routed, self.task % self.config.K, self.config.M, self.config.K, from_round)
 
 
-def cluster_purity(routed: np.ndarray, cluster: np.ndarray, M: int, K: int) -> np.ndarray:
-    """``sum_m max_k count[m, k] / sum count`` per run, for ``routed``/``cluster`` ``(runs, t)``."""
+def cluster_purity(
+    routed: np.ndarray, cluster: np.ndarray, M: int, K: int, from_round: int | None = None
+) -> np.ndarray:
+    """``sum_m max_k count[m, k] / sum count`` per run, for ``routed``/``cluster`` ``(runs, T)``,
+    counted from ``from_round`` (default: the second half, after the exploration phase)."""
+    start = routed.shape[1] // 2 if from_round is None else from_round
+    routed, cluster = routed[:, start:], cluster[:, start:]
     counts = np.zeros((routed.shape[0], M * K), dtype=np.int64)
     np.add.at(counts, (np.arange(routed.shape[0])[:, None], routed * K + cluster), 1)
     counts = counts.reshape(-1, M, K)

@@ -81,8 +81,7 @@ class DigitsMoEResult:
     terminated_at: np.ndarray
 
     def purity(self, from_round: int | None = None) -> np.ndarray:
-        start = self.config.T // 2 if from_round is None else from_round
-        return cluster_purity(self.routed[:, start:], self.task[:, start:], self.config.M, len(self.config.digits))
+        return cluster_purity(self.routed, self.task, self.config.M, len(self.config.digits), from_round)
 
 
 def load_split(test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
