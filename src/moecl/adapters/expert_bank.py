@@ -76,7 +76,7 @@ class LoRAExpertBank(nn.Module):
         """Fused mixture for ``x (..., in)`` and ``gate (..., T)`` -> ``(..., out)``."""
         a_cat, b_cat = self.stacked_weights()
         z = F.linear(self.dropout(x.to(a_cat.dtype)), a_cat)  # (..., T*r)
-        g = gate.to(z.dtype) * self.scaling  # (..., T)
+        g = gate.to(device=z.device, dtype=z.dtype) * self.scaling  # (..., T), or (1, 1, T) if fixed
         # Scale each expert's r intermediate channels by its gate: view (..., T, r), no copy of g.
         z = (z.unflatten(-1, (self.num_experts, self.rank)) * g.unsqueeze(-1)).flatten(-2)
         return F.linear(z, b_cat)  # (..., out)

@@ -17,7 +17,8 @@ class GateState:
     """The gate of the forward pass in flight, shared by the router and the deep expert banks.
 
     ``probs`` has shape ``(batch, seq, num_experts)``: one distribution per token, over the
-    experts that exist. It is overwritten by every forward pass; under gradient checkpointing
+    experts that exist; a fixed gate (the same weights for every token) may be ``(1, 1,
+    num_experts)``. It is overwritten by every forward pass; under gradient checkpointing
     the deep blocks' recomputation reads it again during backward, so call ``backward()``
     before the next forward (the usual training loop does).
     """
@@ -32,7 +33,7 @@ class GateState:
         called on its own rather than through the model that owns the router.
         """
         probs = self.probs
-        if probs is None or probs.shape[:-1] != x.shape[:-1] or probs.shape[-1] != num_experts:
+        if probs is None or probs.shape[-1] != num_experts or not _broadcasts(probs.shape[:-1], x.shape[:-1]):
             got = None if probs is None else tuple(probs.shape)
             raise RuntimeError(
                 f"no router gate for an input of shape {tuple(x.shape)} over {num_experts} experts "
@@ -40,6 +41,12 @@ class GateState:
                 "directly"
             )
         return probs
+
+
+def _broadcasts(gate_shape: torch.Size, token_shape: torch.Size) -> bool:
+    if len(gate_shape) != len(token_shape):
+        return False
+    return all(g in (1, n) for g, n in zip(gate_shape, token_shape, strict=True))
 
 
 class Router(nn.Module):

@@ -133,10 +133,12 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
 
 
 def summary_line(results: dict[str, Any]) -> str:
-    fwt = results.get("FWT")
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
     return (
-        f"OP {results['OP']:.2f}  BWT {results['BWT']:.2f} ({results['bwt_convention']})  "
-        f"FWT {'n/a' if fwt is None else f'{fwt:.2f}'}  trainable {results['trainable_params']:,} of "
+        f"OP {results['OP']:.2f}  BWT {fmt(results['BWT'])} ({results['bwt_convention']})  "
+        f"FWT {fmt(results.get('FWT'))}  trainable {results['trainable_params']:,} of "
         f"{results['total_params']:,}  {results['wall_seconds']:.0f} s"
     )
 
@@ -157,7 +159,7 @@ def show_command(args: argparse.Namespace, console: Console) -> int:
     results = json.loads(path.read_text())
     tasks = [Task(n, results["metrics"][n], [], []) for n in results["tasks"]]
     console.print(f"{results['method']} on {results['model']}, {results['benchmark']}, seed {results['seed']}")
-    console.print(r_table(tasks, results["R"], "R (score on task, after training task)"))
+    console.print(r_table(tasks, results["R"], "R (score on task, after training task)", results.get("phases")))
     if results.get("router_allocation"):
         console.print("router allocation (task x expert): ")
         for name, row in zip(results["tasks"], results["router_allocation"], strict=True):

@@ -1,8 +1,23 @@
 """Continual-learning methods as plug-ins on the one training template."""
 
 from moecl.methods.base import Method
+from moecl.methods.full import SeqFTMethod
+from moecl.methods.icl import ICLMethod
+from moecl.methods.lora import MTLMethod, OLoRAMethod, PerTaskLoRAMethod, SeqLoRAMethod
 from moecl.methods.pmoe import PMoEMethod
 
-METHODS: dict[str, type[Method]] = {"pmoe": PMoEMethod}
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (PMoEMethod, SeqFTMethod, SeqLoRAMethod, OLoRAMethod, PerTaskLoRAMethod, MTLMethod, ICLMethod)
+}
 
-__all__ = ["METHODS", "Method", "PMoEMethod"]
+__all__ = [
+    "METHODS",
+    "ICLMethod",
+    "MTLMethod",
+    "Method",
+    "OLoRAMethod",
+    "PMoEMethod",
+    "PerTaskLoRAMethod",
+    "SeqFTMethod",
+    "SeqLoRAMethod",
+]

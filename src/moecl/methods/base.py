@@ -1,9 +1,11 @@
 """The seams of the training template where a continual-learning method plugs in.
 
-The template (``moecl.training.trainer``) calls, for every task ``t`` of the stream:
+The template (``moecl.training.run``) calls, for every task ``t`` of the stream:
 ``before_task`` -> per batch ``loss`` -> ``after_task``; it trains exactly
-``trainable_parameters``, and checkpoints through ``save``/``load``. A method changes what it
-must and inherits the rest.
+``trainable_parameters``, and checkpoints through ``save``/``load``. Before scoring task ``i``
+it calls ``before_eval`` and lets ``eval_prompts`` rewrite the prompts. A method changes what
+it must and inherits the rest; ``joint`` methods see the whole stream in one phase and
+``trains = False`` ones are never trained.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from moecl.data.trace import Task
 from moecl.training.config import RunConfig
 
 
@@ -21,6 +24,10 @@ class Method:
     """Base class: plain fine-tuning of whatever ``wrap`` returns."""
 
     name = "base"
+    joint = False
+    """Train once on every task's data together (one phase), instead of task after task."""
+    trains = True
+    """``False``: the template never builds an optimizer or runs a backward pass."""
 
     def __init__(self, config: RunConfig):
         self.config = config
@@ -30,10 +37,14 @@ class Method:
         return base_model
 
     def before_task(self, model: nn.Module, task_index: int) -> None:
-        """Called before training task ``task_index`` (0-based)."""
+        """Called before training task ``task_index`` (0-based; the single phase 0 if ``joint``)."""
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
+
+    def parameter_counts(self, model: nn.Module) -> tuple[int, int]:
+        """``(trainable, total)`` element counts as reported in ``results.json``."""
+        return sum(p.numel() for p in self.trainable_parameters(model)), sum(p.numel() for p in model.parameters())
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], lm_loss: torch.Tensor) -> torch.Tensor:
         """Training loss of one batch: the answer-token LM loss plus the method's own terms.
@@ -42,6 +53,17 @@ class Method:
 
     def after_task(self, model: nn.Module, task_index: int) -> None:
         """Called after training task ``task_index``, before it is evaluated."""
+
+    def before_eval(self, model: nn.Module, task_index: int) -> None:
+        """Called before scoring task ``task_index`` (a method given the task id sets it here)."""
+
+    def prompt_tokens(self) -> int:
+        """Prompts are cut from the left to this many tokens at evaluation."""
+        return self.config.max_prompt_tokens
+
+    def eval_prompts(self, task: Task, prompts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """The prompts the model is asked at evaluation of ``task``."""
+        return prompts
 
     def save(self, model: nn.Module, directory: Path) -> None:
         raise NotImplementedError(f"method {self.name!r} does not define how to checkpoint itself")

@@ -15,19 +15,20 @@ from moecl.models.pmoe_config import PMoEConfig
 class PMoEMethod(Method):
     name = "pmoe"
 
-    def wrap(self, base_model: PreTrainedModel) -> PMoEModel:
+    def adapter_config(self) -> PMoEConfig:
+        """The adapters this method puts on the base model (subclasses change tau and the gate)."""
         c = self.config
-        return PMoEModel(
-            base_model,
-            PMoEConfig(
-                tau=c.tau,
-                rank=c.rank,
-                alpha=c.alpha,
-                dropout=c.lora_dropout,
-                target_modules=c.target_modules,
-                router_norm=c.router_norm,
-            ),
+        return PMoEConfig(
+            tau=c.tau,
+            rank=c.rank,
+            alpha=c.alpha,
+            dropout=c.lora_dropout,
+            target_modules=c.target_modules,
+            router_norm=c.router_norm,
         )
+
+    def wrap(self, base_model: PreTrainedModel) -> PMoEModel:
+        return PMoEModel(base_model, self.adapter_config())
 
     def before_task(self, model: PMoEModel, task_index: int) -> None:
         while model.num_experts <= task_index:  # one expert per task; idempotent on resume
@@ -35,6 +36,9 @@ class PMoEMethod(Method):
 
     def trainable_parameters(self, model: PMoEModel) -> list[torch.nn.Parameter]:
         return model.trainable_parameters()
+
+    def parameter_counts(self, model: PMoEModel) -> tuple[int, int]:
+        return model.parameter_counts()
 
     def loss(self, model: PMoEModel, batch: dict[str, torch.Tensor], lm_loss: torch.Tensor) -> torch.Tensor:
         loss = lm_loss

@@ -88,10 +88,16 @@ class PMoEModel(nn.Module):
         self._check_targets(blocks)
 
         self.gate = GateState()
-        self.router = Router(
-            hidden_size(base_model),
-            device=base_model.get_input_embeddings().weight.device,
-            normalize=self.config.router_norm,
+        self._num_experts = 0
+        self._active_task = 0
+        self.router: Router | None = (
+            Router(
+                hidden_size(base_model),
+                device=base_model.get_input_embeddings().weight.device,
+                normalize=self.config.router_norm,
+            )
+            if self.config.gate == "router"
+            else None
         )
         cfg = self.config
         for index, block in enumerate(blocks):
@@ -110,9 +116,10 @@ class PMoEModel(nn.Module):
                 setattr(parent, leaf, adapter)
 
         # The router reads h_tau: block tau's output, or the embeddings entering block 1 if tau = 0.
-        if self.tau > 0:
+        # A fixed gate (config.gate "sum" or "task") needs no hook: it is set when it changes.
+        if self.router is not None and self.tau > 0:
             blocks[self.tau - 1].register_forward_hook(self._route)
-        else:
+        elif self.router is not None:
             blocks[0].register_forward_pre_hook(self._route_input, with_kwargs=True)
         self._forward_params = set(inspect.signature(base_model.forward).parameters)
 
@@ -133,7 +140,19 @@ class PMoEModel(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.router.num_experts
+        return self._num_experts
+
+    @property
+    def active_task(self) -> int:
+        """The task whose expert the ``"task"`` gate selects (ignored by the other gates)."""
+        return self._active_task
+
+    @active_task.setter
+    def active_task(self, task_index: int) -> None:
+        if not 0 <= task_index < max(1, self.num_experts):
+            raise ValueError(f"task {task_index} has no expert: the model has {self.num_experts}")
+        self._active_task = task_index
+        self._set_fixed_gate()
 
     # -- routing -----------------------------------------------------------------------------
 
@@ -148,17 +167,33 @@ class PMoEModel(nn.Module):
     def _set_gate(self, hidden: torch.Tensor) -> None:
         self.gate.probs = self.router(hidden) if self.num_experts else None
 
+    def _set_fixed_gate(self) -> None:
+        """``(1, 1, experts)`` weights broadcast over every token: all ones, or one-hot of the task."""
+        if self.router is not None or not self.num_experts:
+            return
+        device = self.base_model.get_input_embeddings().weight.device
+        if self.config.gate == "sum":
+            probs = torch.ones(1, 1, self.num_experts, device=device)
+        else:
+            probs = torch.zeros(1, 1, self.num_experts, device=device)
+            probs[..., self._active_task] = 1.0
+        self.gate.probs = probs
+
     # -- growth and training -----------------------------------------------------------------
 
     def add_task(self) -> int:
         """Open expert ``t`` in every deep bank and router column ``t``; freeze expert ``t-1``.
+        With the ``"task"`` gate the active task stays where it was (set :attr:`active_task`).
 
         Returns:
             ``t``, the 0-based index of the new expert (its router column).
         """
         for bank in self.deep_banks():
             bank.add_expert()
-        self.router.add_expert()
+        if self.router is not None:
+            self.router.add_expert()
+        self._num_experts += 1
+        self._set_fixed_gate()
         return self.num_experts - 1
 
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -208,6 +243,8 @@ class PMoEModel(nn.Module):
     @torch.no_grad()
     def router_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Router distribution per token, ``(batch, seq, num_experts)``; each row sums to 1."""
+        if self.router is None:
+            raise ValueError(f"this model has the fixed {self.config.gate!r} gate, no router")
         if not self.num_experts:
             raise ValueError("the model has no experts yet; call add_task() first")
         # Only the gate is wanted: skip the vocabulary projection of every position where we can.

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+GATES = ("router", "sum", "task")
+
 
 @dataclass
 class PMoEConfig:
@@ -23,6 +25,11 @@ class PMoEConfig:
             (``"self_attn.q_proj"``). ``None`` takes the family's default (q and v).
         router_norm: RMS-normalise ``h_tau`` before the router (see
             :class:`~moecl.adapters.router.Router`); ``False`` is the paper's literal Eq. 4.
+        gate: how the deep experts are weighted. ``"router"`` is PMoE's learned softmax router;
+            the two fixed gates turn the same banks into baselines without a router:
+            ``"sum"`` weights every expert 1 (O-LoRA: all task adapters summed) and ``"task"``
+            weights only the expert of :attr:`PMoEModel.active_task` (one LoRA per task, the
+            task id given).
     """
 
     tau: int | float = 0.75
@@ -31,8 +38,11 @@ class PMoEConfig:
     dropout: float = 0.0
     target_modules: list[str] | None = field(default=None)
     router_norm: bool = True
+    gate: str = "router"
 
     def __post_init__(self) -> None:
+        if self.gate not in GATES:
+            raise ValueError(f"gate={self.gate!r} is not one of {', '.join(GATES)}")
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
             raise ValueError(f"tau must be an int (blocks) or a float fraction in [0, 1], got {self.tau!r}")
         if isinstance(self.tau, float) and not 0.0 <= self.tau <= 1.0:

@@ -7,6 +7,10 @@ from typing import Any
 
 from moecl.evaluation.continual import BWT_CONVENTIONS
 
+METHOD_NAMES = ("pmoe", "seq-ft", "seq-lora", "o-lora", "per-task-lora", "mtl", "icl")
+DEFAULT_LR = {"seq-ft": 1e-5}
+DEFAULT_REPLAY = {"pmoe": 0.01}
+
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
@@ -16,7 +20,12 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 class RunConfig:
     """A continual-learning run: which method, model and task stream, and how to train."""
 
-    method: str = _opt("pmoe", "continual-learning method", choices=["pmoe"])
+    method: str = _opt(
+        "pmoe",
+        "continual-learning method: pmoe; baselines seq-ft (full fine-tuning), seq-lora, o-lora, per-task-lora "
+        "(task id given), mtl (all tasks jointly), icl (k-shot prompting, no training)",
+        choices=list(METHOD_NAMES),
+    )
     model: str = _opt("smollm2-135m", "Hugging Face name or local folder, or an alias: smollm2-135m, tiny-random")
     benchmark: str = _opt("mini-trace", "task stream", choices=["mini-trace", "smoke", "trace"])
     data_dir: str | None = _opt(
@@ -31,7 +40,9 @@ class RunConfig:
     test_size: int | None = _opt(100, "cap on test examples per task (seeded sample); null: all")
     seed: int = _opt(0, "seed of data order, sampling, initialisation and replay")
     epochs: int = _opt(2, "epochs over each task's training data (replay included)")
-    lr: float = _opt(3e-3, "peak AdamW learning rate")
+    lr: float | None = _opt(
+        None, "peak AdamW learning rate (default: 3e-3 for adapter methods, 1e-5 for seq-ft as in seed 001)"
+    )
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     warmup_ratio: float = _opt(0.1, "share of each task's steps spent warming the learning rate up")
     batch_size: int = _opt(8, "effective batch size (micro-batch x accumulation x processes)")
@@ -40,8 +51,16 @@ class RunConfig:
     max_answer_tokens: int = _opt(64, "answers are truncated to this many tokens in training")
     max_new_tokens: int | None = _opt(None, "generation length at evaluation (default: longest training answer + 4)")
     eval_batch_size: int = _opt(16, "prompts per generation batch")
-    replay: float = _opt(0.01, "fraction of each past task's training data kept and mixed into later tasks")
+    replay: float | None = _opt(
+        None,
+        "fraction of each past task's training data kept and mixed into later tasks (default: 0.01 for pmoe as in "
+        "seed 001, 0 for the baselines; seq-ft/seq-lora with replay are the paper's Full-ft-RE/LoRA-RE)",
+    )
     lambda_route: float = _opt(0.0, "weight of PMoE's router loss (Eq. 7) against the task id; 0 = off")
+    lambda_orth: float = _opt(0.5, "o-lora: weight of the orthogonality loss sum_i |A_i A_t^T| (official code: 0.5)")
+    lambda_l2: float = _opt(0.0, "o-lora: weight of ||new LoRA||^2 (official code: 0)")
+    icl_shots: int = _opt(6, "icl: demonstrations per prompt, drawn from the task's training split")
+    icl_max_prompt_tokens: int = _opt(2048, "icl: demonstrations are dropped until the prompt fits this many tokens")
     tau: float | int = _opt(0.75, "PMoE: last shallow block, an int (blocks) or a float fraction of them")
     rank: int = _opt(4, "LoRA rank")
     alpha: float = _opt(8.0, "LoRA alpha (deltas scaled by alpha / rank)")
@@ -52,6 +71,10 @@ class RunConfig:
     bwt_convention: str = _opt("seed", "BWT definition", choices=list(BWT_CONVENTIONS))
 
     def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = DEFAULT_LR.get(self.method, 3e-3)
+        if self.replay is None:
+            self.replay = DEFAULT_REPLAY.get(self.method, 0.0)
         for name in ("tasks", "target_modules"):
             value = getattr(self, name)
             if isinstance(value, str):

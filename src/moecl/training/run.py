@@ -132,9 +132,9 @@ class Run:
             raw = generate(
                 model,
                 tokenizer,
-                [e.prompt for e in examples],
+                self.method.eval_prompts(task, [e.prompt for e in examples], tokenizer),
                 self.config.max_new_tokens or max_new_tokens_for(task, tokenizer, self.config.max_answer_tokens),
-                self.config.max_prompt_tokens,
+                self.method.prompt_tokens(),
                 self.config.eval_batch_size,
                 lambda n: progress.advance(bar, n * acc.num_processes),
             )
@@ -147,6 +147,7 @@ class Run:
         last = len(self.tasks) - 1 if self.config.eval_all_tasks else upto
         row: list[float | None] = [None] * len(self.tasks)
         for i in range(last + 1):
+            self.method.before_eval(model, i)
             row[i], preds = self.evaluate(model, tokenizer, self.tasks[i], progress, label)
             if self.main:
                 body = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
@@ -205,29 +206,33 @@ class Run:
                 self.state["zero_shot"] = self.evaluate_row(
                     model, tokenizer, len(self.tasks) - 1, progress, "zero-shot"
                 )
-            for t in range(done, len(self.tasks)):
-                task = self.tasks[t]
+            phases = self.phases()
+            for t in range(done, len(phases)):
                 seed_everything(cfg.seed, t)
                 self.method.before_task(model, t)
-                items = [(t, e) for e in task.train] + memory.items
-                bar = progress.add_task(f"train {task.name} ({t + 1}/{len(self.tasks)})", total=None)
-                stats = train_task(
-                    acc,
-                    self.method,
-                    model,
-                    collator,
-                    items,
-                    cfg,
-                    t,
-                    self.log,
-                    lambda b=bar: progress.advance(b),
-                )
-                progress.remove_task(bar)
+                items = [(i, e) for i in phases[t] for e in self.tasks[i].train] + memory.items
+                name = "+".join(self.tasks[i].name for i in phases[t])
+                stats = {"steps": 0, "tokens": 0, "last_loss": None, "planned_steps": 0}
+                if self.method.trains:
+                    bar = progress.add_task(f"train {name} ({t + 1}/{len(phases)})", total=None)
+                    stats = train_task(
+                        acc,
+                        self.method,
+                        model,
+                        collator,
+                        items,
+                        cfg,
+                        t,
+                        self.log,
+                        lambda b=bar: progress.advance(b),
+                    )
+                    progress.remove_task(bar)
                 self.method.after_task(model, t)
-                memory.add_task(t, task.train)
-                row = self.evaluate_row(model, tokenizer, t, progress, f"after-task-{t}")
+                for i in phases[t]:
+                    memory.add_task(i, self.tasks[i].train)
+                row = self.evaluate_row(model, tokenizer, phases[t][-1], progress, f"after-task-{t}")
                 self.state["R"].append(row)
-                self.state["train"].append({"task": task.name, "examples": len(items), **stats})
+                self.state["train"].append({"task": name, "examples": len(items) if self.method.trains else 0, **stats})
                 self.state["completed"] = t + 1
                 self.state["wall_seconds"] += time.perf_counter() - start
                 start = time.perf_counter()
@@ -235,7 +240,7 @@ class Run:
                     self.method.save(model, out / "checkpoints" / f"task-{t}")
                     atomic_write_json(out / "replay.json", memory.to_json())
                     atomic_write_json(out / "state.json", self.state)  # last: marks task t complete
-                    self.console.print(r_table(self.tasks, self.state["R"], f"R after task {t + 1}"))
+                    self.console.print(r_table(self.tasks, self.state["R"], f"R after phase {t + 1}", phases))
                 acc.wait_for_everyone()
         results = self.results(model, tokenizer, time.perf_counter() - start)
         if self.main:
@@ -243,15 +248,18 @@ class Run:
         acc.wait_for_everyone()
         return results
 
+    def phases(self) -> list[list[int]]:
+        """The task indices trained in each phase: one task each, or all at once for a joint method."""
+        indices = list(range(len(self.tasks)))
+        return [indices] if self.method.joint else [[i] for i in indices]
+
     def results(self, model, tokenizer, extra_seconds: float) -> dict[str, Any]:
         cfg, R = self.config, self.state["R"]
-        trainable = sum(p.numel() for p in self.method.trainable_parameters(model))
-        total = (
-            model.parameter_counts()[1]
-            if hasattr(model, "parameter_counts")
-            else sum(p.numel() for p in model.parameters())
-        )
+        trainable, total = self.method.parameter_counts(model)
+        if not self.method.trains:
+            trainable = 0
         train = self.state["train"]
+        joint = self.method.joint  # one row over all tasks: no score before/after to compare
         return {
             "method": cfg.method,
             "model": cfg.model,
@@ -259,9 +267,10 @@ class Run:
             "tasks": [t.name for t in self.tasks],
             "metrics": {t.name: t.metric for t in self.tasks},
             "R": R,
-            "OP": overall_performance(R),
-            "BWT": backward_transfer(R, cfg.bwt_convention),
-            "FWT": forward_transfer(R, self.state["zero_shot"]),
+            "phases": self.phases(),
+            "OP": sum(R[0]) / len(R[0]) if joint else overall_performance(R),
+            "BWT": None if joint else backward_transfer(R, cfg.bwt_convention),
+            "FWT": None if joint else forward_transfer(R, self.state["zero_shot"]),
             "bwt_convention": cfg.bwt_convention,
             "zero_shot": self.state["zero_shot"],
             "router_allocation": self.router_allocation(model, tokenizer),
@@ -282,16 +291,20 @@ def gather(accelerator: Accelerator, items: list) -> list:
     return gather_object(items)
 
 
-def r_table(tasks: list[Task], R: list[list[float | None]], title: str) -> Table:
-    """The R matrix so far as a rich table: rows = after task t, columns = tasks, then OP."""
+def r_table(tasks: list[Task], R: list[list[float | None]], title: str, phases: list[list[int]] | None = None) -> Table:
+    """The R matrix so far as a rich table: rows = after task t (or phase), columns = tasks, then OP
+    over the tasks trained so far."""
     table = Table(title=title, show_lines=False)
     table.add_column("after \\ on")
     for task in tasks:
         table.add_column(task.name, justify="right")
     table.add_column("OP", justify="right")
+    phases = phases or [[i] for i in range(len(tasks))]
     for t, row in enumerate(R):
         cells = ["-" if v is None else f"{v:.1f}" for v in row]
-        table.add_row(f"{t + 1}. {tasks[t].name}", *cells, f"{overall_performance(R, t):.1f}")
+        seen = [v for v in row[: phases[t][-1] + 1] if v is not None]
+        label = f"{t + 1}. {tasks[phases[t][0]].name}" if len(phases[t]) == 1 else f"{t + 1}. all tasks jointly"
+        table.add_row(label, *cells, f"{sum(seen) / len(seen):.1f}")
     return table
 
 
