@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from moecl.cli.run import RUN_DESCRIPTION, add_run_arguments, run_command, show_command
+from moecl.cli.run import RUN_DESCRIPTION, add_run_arguments, compare_command, run_command, show_command
 from moecl.theory.experiments import DEFAULT_RUNS, run_setting, settings_for, write_report
 
 THEORY_HELP = """\
@@ -35,6 +35,18 @@ by cluster, termination round, keyed by setting such as "M=5" or "M=5,no-termina
 curves.json, F_t*.png and G_t*.png (mean with a one-sd band), config.json."""
 
 
+COMPARE_HELP = """\
+Compare finished runs over the same task stream. Each RUN_DIR is a `moecl run` folder, or a
+folder of seed-<s>/ runs made with --seeds (reported as mean ± sd). Rows: each task's final
+score, then OP, BWT and the trainable share of parameters; columns: the runs.
+
+Writes to --out: compare.md (Markdown), compare.csv (mean, sd, n per column), compare.json and
+r_matrices.png (each run's R matrix as a heat map, mean over seeds).
+
+example:
+  moecl compare runs/pmoe runs/seq-lora runs/o-lora --labels PMoE,LoRA,O-LoRA --out docs/results"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moecl",
@@ -52,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="print a finished run's R matrix, OP, BWT and router allocation")
     show.add_argument("run_dir", type=Path, help="a run folder written by `moecl run`")
     show.set_defaults(handler=show_command)
+    compare = commands.add_parser(
+        "compare",
+        help="tabulate finished runs side by side (seed 001's Table 1) and plot their R matrices",
+        description=COMPARE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders, one column each")
+    compare.add_argument(
+        "--out", type=Path, default=Path("runs/compare"), help="where to write (default: runs/compare)"
+    )
+    compare.add_argument("--labels", help="comma-separated column names, one per RUN_DIR (default: method names)")
+    compare.set_defaults(handler=compare_command)
     theory = commands.add_parser(
         "theory",
         help="simulate seed 003's MoE continual-learning theory",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML file of options (keys as in config.json)")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/<method>-<model>-<benchmark>-s<seed>)")
     parser.add_argument("--force", action="store_true", help="start over a run folder made with another config")
+    parser.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="S,S,...",
+        help="run once per seed into OUT/seed-<s>/ and write OUT/seeds.json (mean and sd of OP, BWT, FWT and "
+        "each task's final score); overrides --seed",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, YAML-typed values")
 
 
@@ -113,9 +120,20 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def default_out(config: RunConfig) -> Path:
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers such as 0,1,2, got {text!r}") from err
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds needs distinct integers, got {text!r}")
+    return seeds
+
+
+def default_out(config: RunConfig, seeds: list[int] | None = None) -> Path:
     model = Path(config.model).name if "/" in config.model else config.model
-    return Path("runs") / f"{config.method}-{model}-{config.benchmark}-s{config.seed}"
+    stem = f"{config.method}-{model}-{config.benchmark}"
+    return Path("runs") / (stem if seeds else f"{stem}-s{config.seed}")
 
 
 def run_command(args: argparse.Namespace, console: Console) -> int:
@@ -124,11 +142,31 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
     from moecl.training.run import run  # imported here so `moecl --help` stays fast
 
     config = resolve_config(args)
-    out = args.out or default_out(config)
-    results = run(config, out, force=args.force, console=console)
-    if PartialState().is_main_process:  # under `accelerate launch`, one process reports
-        console.print(summary_line(results))
-        console.print(f"run folder: {out}")
+    out = args.out or default_out(config, args.seeds)
+    main_process = PartialState().is_main_process  # under `accelerate launch`, one process reports
+    if not args.seeds:
+        results = run(config, out, force=args.force, console=console)
+        if main_process:
+            console.print(summary_line(results))
+            console.print(f"run folder: {out}")
+        return 0
+    from moecl.io import atomic_write_json
+    from moecl.reports.compare import seed_summary
+
+    per_seed = []
+    for seed in args.seeds:
+        if main_process:
+            console.rule(f"seed {seed}")
+        per_seed.append(run(replace(config, seed=seed), out / f"seed-{seed}", force=args.force, console=console))
+        if main_process:
+            console.print(summary_line(per_seed[-1]))
+    if main_process:
+        summary = seed_summary(per_seed)
+        atomic_write_json(out / "seeds.json", summary)
+        op, bwt = summary["OP"], summary["BWT"]
+        bwt_text = "n/a" if bwt["mean"] is None else f"{bwt['mean']:.2f} ± {bwt['sd']:.2f}"
+        console.print(f"over seeds {args.seeds}: OP {op['mean']:.2f} ± {op['sd']:.2f}  BWT {bwt_text}")
+        console.print(f"run folders: {out}/seed-*; summary: {out / 'seeds.json'}")
     return 0
 
 
@@ -141,6 +179,16 @@ def summary_line(results: dict[str, Any]) -> str:
         f"FWT {fmt(results.get('FWT'))}  trainable {results['trainable_params']:,} of "
         f"{results['total_params']:,}  {results['wall_seconds']:.0f} s"
     )
+
+
+def compare_command(args: argparse.Namespace, console: Console) -> int:
+    from moecl.reports.compare import write_comparison
+
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    text = write_comparison(args.run_dirs, args.out, labels)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {args.out}/compare.md, compare.csv, compare.json, r_matrices.png")
+    return 0
 
 
 def show_command(args: argparse.Namespace, console: Console) -> int:
