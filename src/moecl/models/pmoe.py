@@ -17,14 +17,11 @@ tokens it processes.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -33,17 +30,15 @@ from moecl.adapters.expert_bank import LoRAExpertBank
 from moecl.adapters.lora import LINEAR_TYPES, LoRALinear
 from moecl.adapters.router import GateState, Router
 from moecl.adapters.state import ADAPTER_TYPES, adapter_state_dict, named_adapter_parameters
-from moecl.io import atomic_path, atomic_write_json
 from moecl.models.architectures import (
     check_causal_lm,
     decoder_blocks,
     default_target_modules,
     hidden_size,
 )
+from moecl.models.persistence import load_adapters, read_adapter_meta, save_adapters
 from moecl.models.pmoe_config import PMoEConfig
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "moecl.pmoe"
 
 
@@ -258,76 +253,24 @@ class PMoEModel(nn.Module):
 
     # -- persistence ---------------------------------------------------------------------------
 
-    def _describe_base(self) -> dict[str, Any]:
-        config = self.base_model.config
-        return {
-            "model_type": config.model_type,
-            "architecture": type(self.base_model).__name__,
-            "num_blocks": self.num_blocks,
-            "hidden_size": hidden_size(self.base_model),
-            "vocab_size": getattr(config, "vocab_size", None),
-            "name_or_path": getattr(config, "_name_or_path", ""),
-        }
-
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter tensors only).
-
-        Both files are written to a temporary name and renamed, so a crash never leaves a
-        half-written checkpoint under the final name.
-        """
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter tensors only),
+        atomically."""
         meta = {
             "format": FORMAT,
             "pmoe": self.config.to_dict(),
             "tau_blocks": self.tau,
             "target_modules": self.target_modules,
             "num_experts": self.num_experts,
-            "base_model": self._describe_base(),
         }
-        tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(self).items()}
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-        atomic_write_json(directory / CONFIG_NAME, meta)
+        save_adapters(self, save_directory, meta)
 
     @classmethod
     def from_pretrained(cls, base_model: PreTrainedModel, directory: str | os.PathLike) -> PMoEModel:
         """Rebuild a saved PMoE on ``base_model``; the newest expert is trainable, as when saved."""
-        directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise ValueError(f"{config_path} not found: {directory} is not a saved PMoE adapter directory")
-        try:
-            meta = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_path}: invalid JSON at line {err.lineno}: {err.msg}") from err
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{config_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+        meta = read_adapter_meta(directory, FORMAT, "PMoE")
         model = cls(base_model, PMoEConfig(**meta["pmoe"]))
-        expected, actual = meta["base_model"], model._describe_base()
-        for key in ("model_type", "num_blocks", "hidden_size", "vocab_size"):
-            if expected.get(key) != actual[key]:
-                raise ValueError(
-                    f"{config_path}: adapters were saved for a base model with {key}={expected.get(key)!r} "
-                    f"({expected.get('name_or_path') or expected.get('architecture')}), but the given base "
-                    f"model has {key}={actual[key]!r}; load them onto the base model they were trained on"
-                )
         for _ in range(meta["num_experts"]):
             model.add_task()
-        weights = load_file(str(directory / WEIGHTS_NAME))
-        own = adapter_state_dict(model)
-        if set(weights) != set(own):
-            missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
-            raise ValueError(
-                f"{directory / WEIGHTS_NAME} does not match {config_path}: missing {missing[:5]}, "
-                f"unexpected {extra[:5]}; the directory mixes files of different runs"
-            )
-        with torch.no_grad():
-            for key, tensor in own.items():
-                if weights[key].shape != tensor.shape:
-                    raise ValueError(
-                        f"{directory / WEIGHTS_NAME}: tensor {key} has shape {tuple(weights[key].shape)}, "
-                        f"the model expects {tuple(tensor.shape)}; the config and weights disagree"
-                    )
-                tensor.copy_(weights[key])
+        load_adapters(model, directory, meta)
         return model

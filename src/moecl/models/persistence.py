@@ -1,0 +1,91 @@
+"""Adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``), shared by every
+adapter model: atomic writes, and loads that name what disagrees and what to do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from moecl.adapters.state import adapter_state_dict
+from moecl.io import atomic_path, atomic_write_json
+from moecl.models.architectures import decoder_blocks, hidden_size
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def describe_base(base_model: PreTrainedModel) -> dict[str, Any]:
+    """What an adapter folder records of its base model, to refuse loading onto another one."""
+    config = base_model.config
+    return {
+        "model_type": config.model_type,
+        "architecture": type(base_model).__name__,
+        "num_blocks": len(decoder_blocks(base_model)),
+        "hidden_size": hidden_size(base_model),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "name_or_path": getattr(config, "_name_or_path", ""),
+    }
+
+
+def save_adapters(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> None:
+    """Write ``meta`` (plus the base model's description) and every adapter tensor of ``model``.
+
+    Both files go to a temporary name and are renamed, so a crash never leaves a half-written
+    checkpoint under the final name.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_json(directory / CONFIG_NAME, {**meta, "base_model": describe_base(model.base_model)})
+
+
+def read_adapter_meta(directory: str | Path, expected_format: str, kind: str) -> dict[str, Any]:
+    """The saved ``adapter_config.json``, checked to be of ``expected_format`` (a ``kind`` model)."""
+    config_path = Path(directory) / CONFIG_NAME
+    if not config_path.is_file():
+        raise ValueError(f"{config_path} not found: {directory} is not a saved {kind} adapter directory")
+    try:
+        meta = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+    if meta.get("format") != expected_format:
+        raise ValueError(f"{config_path}: field 'format' is {meta.get('format')!r}, expected {expected_format!r}")
+    return meta
+
+
+def load_adapters(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> None:
+    """Copy the saved adapter tensors into ``model``, built with the saved structure."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    expected, actual = meta["base_model"], describe_base(model.base_model)
+    for key in ("model_type", "num_blocks", "hidden_size", "vocab_size"):
+        if expected.get(key) != actual[key]:
+            raise ValueError(
+                f"{config_path}: adapters were saved for a base model with {key}={expected.get(key)!r} "
+                f"({expected.get('name_or_path') or expected.get('architecture')}), but the given base "
+                f"model has {key}={actual[key]!r}; load them onto the base model they were trained on"
+            )
+    weights = load_file(str(directory / WEIGHTS_NAME))
+    own = adapter_state_dict(model)
+    if set(weights) != set(own):
+        missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+        raise ValueError(
+            f"{directory / WEIGHTS_NAME} does not match {config_path}: missing {missing[:5]}, "
+            f"unexpected {extra[:5]}; the directory mixes files of different runs"
+        )
+    with torch.no_grad():
+        for key, tensor in own.items():
+            if weights[key].shape != tensor.shape:
+                raise ValueError(
+                    f"{directory / WEIGHTS_NAME}: tensor {key} has shape {tuple(weights[key].shape)}, "
+                    f"the model expects {tuple(tensor.shape)}; the config and weights disagree"
+                )
+            tensor.copy_(weights[key])
