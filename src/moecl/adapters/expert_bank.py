@@ -33,7 +33,12 @@ class LoRAExpertBank(nn.Module):
         dropout: dropout on the experts' input.
 
     Tensors: ``frozen_A (n_frozen*r, in)`` and ``frozen_B (out, n_frozen*r)`` (buffers),
-    ``expert_A (r, in)`` and ``expert_B (out, r)`` (parameters, the task being learned).
+    ``expert_A (n_new*r, in)`` and ``expert_B (out, n_new*r)`` (parameters, the task being
+    learned; ``n_new`` is 1 for PMoE, up to a budget of sub-experts for MoSEs).
+
+    ``gate`` is anything with ``read(x, num_experts) -> (..., num_experts)``: PMoE's shared
+    :class:`GateState`, or a per-layer router module such as MoSEs' top-k router (which then
+    becomes a submodule of the bank).
     """
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, gate: GateState, dropout: float = 0.0):
@@ -54,15 +59,20 @@ class LoRAExpertBank(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.frozen_A.shape[0] // self.rank + (self.expert_A is not None)
+        trainable = 0 if self.expert_A is None else self.expert_A.shape[0]
+        return (self.frozen_A.shape[0] + trainable) // self.rank
 
-    def add_expert(self) -> None:
-        """Freeze the current trainable expert (move it to the buffers) and open a new one."""
+    @property
+    def num_frozen(self) -> int:
+        return self.frozen_A.shape[0] // self.rank
+
+    def add_expert(self, count: int = 1) -> None:
+        """Freeze the trainable experts (move them to the buffers) and open ``count`` new ones."""
         if self.expert_A is not None:
             self.frozen_A = torch.cat([self.frozen_A, self.expert_A.detach()], dim=0)
             self.frozen_B = torch.cat([self.frozen_B, self.expert_B.detach()], dim=1)
         self.expert_A, self.expert_B = init_lora_pair(
-            self.rank, self.in_features, self.out_features, self.frozen_A, self.frozen_A.dtype
+            count * self.rank, self.in_features, self.out_features, self.frozen_A, self.frozen_A.dtype
         )
 
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,8 +15,9 @@ from torch import nn
 from moecl.adapters.expert_bank import LoRAExpertBank
 from moecl.adapters.lora import LoRALinear
 from moecl.adapters.router import Router
+from moecl.adapters.subexperts import TaskPrototypes, TopKRouter
 
-ADAPTER_TYPES: tuple[type[nn.Module], ...] = (LoRALinear, LoRAExpertBank, Router)
+ADAPTER_TYPES: tuple[type[nn.Module], ...] = (LoRALinear, LoRAExpertBank, Router, TopKRouter, TaskPrototypes)
 
 
 def _adapter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -39,3 +40,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, buf in module.named_buffers(recurse=False):
             state[prefix + name] = buf
     return state
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` element counts of a model with adapters, frozen experts (buffers)
+    counted in the total."""
+    trainable = dict(named_adapter_parameters(model))
+    frozen = sum(t.numel() for k, t in adapter_state_dict(model).items() if k not in trainable)
+    return sum(p.numel() for p in trainable.values()), sum(p.numel() for p in model.parameters()) + frozen

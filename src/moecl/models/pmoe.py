@@ -16,7 +16,6 @@ tokens it processes.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -24,16 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moecl.adapters.expert_bank import LoRAExpertBank
-from moecl.adapters.lora import LINEAR_TYPES, LoRALinear
+from moecl.adapters.lora import LoRALinear
 from moecl.adapters.router import GateState, Router
-from moecl.adapters.state import ADAPTER_TYPES, adapter_state_dict, named_adapter_parameters
+from moecl.models.adapter_model import AdapterModel
 from moecl.models.architectures import (
-    check_causal_lm,
-    decoder_blocks,
-    default_target_modules,
     hidden_size,
 )
 from moecl.models.persistence import load_adapters, read_adapter_meta, save_adapters
@@ -42,20 +37,7 @@ from moecl.models.pmoe_config import PMoEConfig
 FORMAT = "moecl.pmoe"
 
 
-def _matches(path_in_block: str, targets: list[str]) -> bool:
-    return any(path_in_block == t or path_in_block.endswith("." + t) for t in targets)
-
-
-def _linear_paths(block: nn.Module) -> list[str]:
-    return [name for name, m in block.named_modules() if name and isinstance(m, LINEAR_TYPES)]
-
-
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, so a padded sequence sees the positions it sees alone."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-class PMoEModel(nn.Module):
+class PMoEModel(AdapterModel):
     """A causal LM with PMoE adapters; the base model's weights stay frozen.
 
     Args:
@@ -68,20 +50,9 @@ class PMoEModel(nn.Module):
     """
 
     def __init__(self, base_model: PreTrainedModel, config: PMoEConfig | None = None):
-        super().__init__()
-        check_causal_lm(base_model)
-        if any(isinstance(m, ADAPTER_TYPES) for m in base_model.modules()):
-            raise ValueError("base_model already carries moecl adapters; pass a fresh base model")
         self.config = config or PMoEConfig()
-        self.base_model = base_model
-        base_model.requires_grad_(False)
-
-        blocks = decoder_blocks(base_model)
-        self.num_blocks = len(blocks)
+        super().__init__(base_model, self.config.target_modules)
         self.tau = self.config.shallow_blocks(self.num_blocks)
-        self.target_modules = list(self.config.target_modules or default_target_modules(base_model))
-        self._check_targets(blocks)
-
         self.gate = GateState()
         self._num_experts = 0
         self._active_task = 0
@@ -95,40 +66,21 @@ class PMoEModel(nn.Module):
             else None
         )
         cfg = self.config
-        for index, block in enumerate(blocks):
-            shallow = index < self.tau
-            for path in _linear_paths(block):
-                if not _matches(path, self.target_modules):
-                    continue
-                parent_path, _, leaf = path.rpartition(".")
-                parent = block.get_submodule(parent_path) if parent_path else block
-                base_layer = getattr(parent, leaf)
-                adapter = (
-                    LoRALinear(base_layer, cfg.rank, cfg.alpha, cfg.dropout)
-                    if shallow
-                    else LoRAExpertBank(base_layer, cfg.rank, cfg.alpha, self.gate, cfg.dropout)
-                )
-                setattr(parent, leaf, adapter)
-
+        self.wrap_targets(
+            lambda index, layer: (
+                LoRALinear(layer, cfg.rank, cfg.alpha, cfg.dropout)
+                if index < self.tau
+                else LoRAExpertBank(layer, cfg.rank, cfg.alpha, self.gate, cfg.dropout)
+            )
+        )
         # The router reads h_tau: block tau's output, or the embeddings entering block 1 if tau = 0.
         # A fixed gate (config.gate "sum" or "task") needs no hook: it is set when it changes.
         if self.router is not None and self.tau > 0:
-            blocks[self.tau - 1].register_forward_hook(self._route)
+            self.blocks[self.tau - 1].register_forward_hook(self._route)
         elif self.router is not None:
-            blocks[0].register_forward_pre_hook(self._route_input, with_kwargs=True)
-        self._forward_params = set(inspect.signature(base_model.forward).parameters)
+            self.blocks[0].register_forward_pre_hook(self._route_input, with_kwargs=True)
 
     # -- structure -------------------------------------------------------------------------
-
-    def _check_targets(self, blocks: nn.ModuleList) -> None:
-        available = sorted({p for block in blocks for p in _linear_paths(block)})
-        for target in self.target_modules:
-            if not any(_matches(p, [target]) for p in available):
-                leaves = sorted({p.rpartition(".")[2] for p in available})
-                raise ValueError(
-                    f"target module {target!r} is not a linear layer in the decoder blocks of "
-                    f"{type(self.base_model).__name__}; linear layers there: {', '.join(leaves)}"
-                )
 
     def deep_banks(self) -> Iterator[LoRAExpertBank]:
         return (m for m in self.base_model.modules() if isinstance(m, LoRAExpertBank))
@@ -191,49 +143,7 @@ class PMoEModel(nn.Module):
         self._set_fixed_gate()
         return self.num_experts - 1
 
-    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """Shallow LoRA, router, and the newest expert of every deep bank; nothing else."""
-        return named_adapter_parameters(self)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Exactly what the current task may train (hand these to the optimizer)."""
-        return [p for _, p in self.named_trainable_parameters()]
-
-    def parameter_counts(self) -> tuple[int, int]:
-        """``(trainable, total)`` element counts, frozen experts counted in the total."""
-        trainable = dict(self.named_trainable_parameters())
-        frozen = sum(t.numel() for k, t in adapter_state_dict(self).items() if k not in trainable)
-        return sum(p.numel() for p in trainable.values()), sum(p.numel() for p in self.parameters()) + frozen
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Checkpoint the base model's blocks. Only non-reentrant checkpointing keeps the router's
-        gradient (the gate enters the deep blocks from outside their arguments), so it is forced."""
-        kwargs = dict(gradient_checkpointing_kwargs or {})
-        if kwargs.setdefault("use_reentrant", False):
-            raise ValueError("use_reentrant=True would cut the router's gradient; use use_reentrant=False")
-        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5
-            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
     # -- forward, routing probabilities, generation -------------------------------------------
-
-    def forward(
-        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any
-    ) -> CausalLMOutputWithPast:
-        """The base model's forward (same arguments, same output) with the adapters active.
-
-        Without explicit ``position_ids`` and cache, positions are derived from the attention
-        mask so that left padding does not shift a sequence's positions.
-        """
-        if (
-            attention_mask is not None
-            and "position_ids" in self._forward_params
-            and kwargs.get("position_ids") is None
-            and kwargs.get("past_key_values") is None
-        ):
-            kwargs["position_ids"] = _position_ids(attention_mask)
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
     def router_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -246,10 +156,6 @@ class PMoEModel(nn.Module):
         skip = {"logits_to_keep": 1} if "logits_to_keep" in self._forward_params else {}
         self.forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **skip)
         return self.gate.probs.detach().clone()
-
-    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``base_model.generate`` with the adapters active; no task id is needed or taken."""
-        return self.base_model.generate(*args, **kwargs)
 
     # -- persistence ---------------------------------------------------------------------------
 

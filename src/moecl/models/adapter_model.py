@@ -1,0 +1,124 @@
+"""What every moecl adapter model shares: surgery on a Hugging Face causal LM's decoder blocks,
+the trainable set, a forward that keeps left-padded positions right, checkpointing, generation.
+
+:class:`~moecl.models.pmoe.PMoEModel` and :class:`~moecl.models.moses.MoSEsModel` differ only in
+which adapter they put on each target projection and how its gate is fed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from moecl.adapters.lora import LINEAR_TYPES
+from moecl.adapters.state import ADAPTER_TYPES, named_adapter_parameters, parameter_counts
+from moecl.models.architectures import check_causal_lm, decoder_blocks, default_target_modules
+
+
+def _matches(path_in_block: str, targets: list[str]) -> bool:
+    return any(path_in_block == t or path_in_block.endswith("." + t) for t in targets)
+
+
+def _linear_paths(block: nn.Module) -> list[str]:
+    return [name for name, m in block.named_modules() if name and isinstance(m, LINEAR_TYPES)]
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a padded sequence sees the positions it sees alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class AdapterModel(nn.Module):
+    """A causal LM whose target projections carry moecl adapters; the base weights stay frozen.
+
+    Args:
+        base_model: a Hugging Face decoder-only causal LM (``AutoModelForCausalLM``).
+        target_modules: projections to adapt in every block (``None``: the family's q and v).
+    """
+
+    def __init__(self, base_model: PreTrainedModel, target_modules: list[str] | None):
+        super().__init__()
+        check_causal_lm(base_model)
+        if any(isinstance(m, ADAPTER_TYPES) for m in base_model.modules()):
+            raise ValueError("base_model already carries moecl adapters; pass a fresh base model")
+        self.base_model = base_model
+        base_model.requires_grad_(False)
+        self.blocks = decoder_blocks(base_model)
+        self.num_blocks = len(self.blocks)
+        self.target_modules = list(target_modules or default_target_modules(base_model))
+        self._check_targets()
+        self._forward_params = set(inspect.signature(base_model.forward).parameters)
+
+    def _check_targets(self) -> None:
+        available = sorted({p for block in self.blocks for p in _linear_paths(block)})
+        for target in self.target_modules:
+            if not any(_matches(p, [target]) for p in available):
+                leaves = sorted({p.rpartition(".")[2] for p in available})
+                raise ValueError(
+                    f"target module {target!r} is not a linear layer in the decoder blocks of "
+                    f"{type(self.base_model).__name__}; linear layers there: {', '.join(leaves)}"
+                )
+
+    def wrap_targets(self, make_adapter: Callable[[int, nn.Module], nn.Module]) -> None:
+        """Replace every target projection of block ``i`` by ``make_adapter(i, projection)``."""
+        for index, block in enumerate(self.blocks):
+            for path in _linear_paths(block):
+                if not _matches(path, self.target_modules):
+                    continue
+                parent_path, _, leaf = path.rpartition(".")
+                parent = block.get_submodule(parent_path) if parent_path else block
+                setattr(parent, leaf, make_adapter(index, getattr(parent, leaf)))
+
+    # -- training -------------------------------------------------------------------------
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Every adapter parameter: exactly what the current task trains; nothing else."""
+        return named_adapter_parameters(self)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Exactly what the current task may train (hand these to the optimizer)."""
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """``(trainable, total)`` element counts, frozen experts counted in the total."""
+        return parameter_counts(self)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint the base model's blocks. Only non-reentrant checkpointing keeps the gradient
+        of a gate that enters blocks from outside their arguments, so it is forced."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.setdefault("use_reentrant", False):
+            raise ValueError("use_reentrant=True would cut the router's gradient; use use_reentrant=False")
+        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # -- forward and generation -------------------------------------------------------------
+
+    def forward(
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> CausalLMOutputWithPast:
+        """The base model's forward (same arguments, same output) with the adapters active.
+
+        Without explicit ``position_ids`` and cache, positions are derived from the attention
+        mask so that left padding does not shift a sequence's positions.
+        """
+        if (
+            attention_mask is not None
+            and "position_ids" in self._forward_params
+            and kwargs.get("position_ids") is None
+            and kwargs.get("past_key_values") is None
+        ):
+            kwargs["position_ids"] = _position_ids(attention_mask)
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``base_model.generate`` with the adapters active."""
+        return self.base_model.generate(*args, **kwargs)
