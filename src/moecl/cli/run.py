@@ -143,10 +143,12 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
 
     config = resolve_config(args)
     out = args.out or default_out(config, args.seeds)
-    main_process = PartialState().is_main_process  # under `accelerate launch`, one process reports
+    # Under `accelerate launch` one process reports. PartialState is asked only after a run has
+    # set up the process group (Accelerator(cpu=True)); asked first, it would make each process
+    # run alone.
     if not args.seeds:
         results = run(config, out, force=args.force, console=console)
-        if main_process:
+        if PartialState().is_main_process:
             console.print(summary_line(results))
             console.print(f"run folder: {out}")
         return 0
@@ -155,12 +157,11 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
 
     per_seed = []
     for seed in args.seeds:
-        if main_process:
-            console.rule(f"seed {seed}")
+        console.rule(f"seed {seed}")
         per_seed.append(run(replace(config, seed=seed), out / f"seed-{seed}", force=args.force, console=console))
-        if main_process:
+        if PartialState().is_main_process:
             console.print(summary_line(per_seed[-1]))
-    if main_process:
+    if PartialState().is_main_process:
         summary = seed_summary(per_seed)
         atomic_write_json(out / "seeds.json", summary)
         op, bwt = summary["OP"], summary["BWT"]

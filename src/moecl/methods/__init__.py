@@ -4,10 +4,21 @@ from moecl.methods.base import Method
 from moecl.methods.full import SeqFTMethod
 from moecl.methods.icl import ICLMethod
 from moecl.methods.lora import MTLMethod, OLoRAMethod, PerTaskLoRAMethod, SeqLoRAMethod
+from moecl.methods.moses import MoSEsMethod
 from moecl.methods.pmoe import PMoEMethod
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (PMoEMethod, SeqFTMethod, SeqLoRAMethod, OLoRAMethod, PerTaskLoRAMethod, MTLMethod, ICLMethod)
+    m.name: m
+    for m in (
+        PMoEMethod,
+        MoSEsMethod,
+        SeqFTMethod,
+        SeqLoRAMethod,
+        OLoRAMethod,
+        PerTaskLoRAMethod,
+        MTLMethod,
+        ICLMethod,
+    )
 }
 
 __all__ = [
@@ -15,6 +26,7 @@ __all__ = [
     "ICLMethod",
     "MTLMethod",
     "Method",
+    "MoSEsMethod",
     "OLoRAMethod",
     "PMoEMethod",
     "PerTaskLoRAMethod",

@@ -11,13 +11,18 @@ it must and inherits the rest; ``joint`` methods see the whole stream in one pha
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from moecl.data.trace import Task
+from moecl.data.trace import Example, Task
+from moecl.training.batches import Collator
 from moecl.training.config import RunConfig
+
+if TYPE_CHECKING:
+    from moecl.training.run import Run
 
 
 class Method:
@@ -46,13 +51,18 @@ class Method:
         """``(trainable, total)`` element counts as reported in ``results.json``."""
         return sum(p.numel() for p in self.trainable_parameters(model)), sum(p.numel() for p in model.parameters())
 
+    def forward_kwargs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Extra keyword arguments of the model's forward in training (e.g. the task ids)."""
+        return {}
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], lm_loss: torch.Tensor) -> torch.Tensor:
         """Training loss of one batch: the answer-token LM loss plus the method's own terms.
         ``model`` is unwrapped (no DDP) and has just run the batch's forward."""
         return lm_loss
 
-    def after_task(self, model: nn.Module, task_index: int) -> None:
-        """Called after training task ``task_index``, before it is evaluated."""
+    def after_task(self, model: nn.Module, task_index: int, examples: list[Example], collator: Collator) -> None:
+        """Called after training task ``task_index`` on ``examples`` (its own training data, no
+        replay), before it is evaluated."""
 
     def before_eval(self, model: nn.Module, task_index: int) -> None:
         """Called before scoring task ``task_index`` (a method given the task id sets it here)."""
@@ -70,6 +80,10 @@ class Method:
 
     def load(self, base_model: PreTrainedModel, directory: Path) -> nn.Module:
         raise NotImplementedError(f"method {self.name!r} does not define how to resume itself")
+
+    def report(self, run: Run, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+        """The method's own entries of ``results.json``, computed once the stream is done."""
+        return {}
 
     @torch.no_grad()
     def gate_means(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,17 +52,24 @@ class Collator:
         }
 
 
-def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor], logits_to_keep: bool = True) -> torch.Tensor:
+def answer_loss(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    logits_to_keep: bool = True,
+    forward_kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor:
     """Mean next-token cross-entropy over answer tokens (labels != -100), as ``labels=`` would give.
 
     With left padding every answer ends at the last column, so only the last ``k`` positions need
     logits; asking the model for just those (``logits_to_keep``) skips the vocabulary projection
     of every prompt token, the largest single cost of a step on a small LM with a big vocabulary.
+    ``forward_kwargs`` are a method's own extra arguments (MoSEs: each example's task id).
     """
     labels = batch["labels"]
     first = int((labels != -100).int().argmax(-1).min()) if logits_to_keep else 1
     keep = labels.shape[1] - first + 1  # logits at positions first-1 .. end predict labels first .. end
     kwargs = {"logits_to_keep": keep} if logits_to_keep else {}
+    kwargs.update(forward_kwargs or {})
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
     logits = logits[:, -keep:-1] if logits_to_keep else logits[:, :-1]
     return F.cross_entropy(

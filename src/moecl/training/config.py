@@ -7,7 +7,7 @@ from typing import Any
 
 from moecl.evaluation.continual import BWT_CONVENTIONS
 
-METHOD_NAMES = ("pmoe", "seq-ft", "seq-lora", "o-lora", "per-task-lora", "mtl", "icl")
+METHOD_NAMES = ("pmoe", "moses", "seq-ft", "seq-lora", "o-lora", "per-task-lora", "mtl", "icl")
 DEFAULT_LR = {"seq-ft": 1e-5}
 DEFAULT_REPLAY = {"pmoe": 0.01}
 
@@ -22,8 +22,8 @@ class RunConfig:
 
     method: str = _opt(
         "pmoe",
-        "continual-learning method: pmoe; baselines seq-ft (full fine-tuning), seq-lora, o-lora, per-task-lora "
-        "(task id given), mtl (all tasks jointly), icl (k-shot prompting, no training)",
+        "continual-learning method: pmoe, moses (mixture of sub-experts); baselines seq-ft (full fine-tuning), "
+        "seq-lora, o-lora, per-task-lora (task id given), mtl (all tasks jointly), icl (k-shot prompting, no training)",
         choices=list(METHOD_NAMES),
     )
     model: str = _opt("smollm2-135m", "Hugging Face name or local folder, or an alias: smollm2-135m, tiny-random")
@@ -59,6 +59,15 @@ class RunConfig:
     lambda_route: float = _opt(0.0, "weight of PMoE's router loss (Eq. 7) against the task id; 0 = off")
     lambda_orth: float = _opt(0.5, "o-lora: weight of the orthogonality loss sum_i |A_i A_t^T| (official code: 0.5)")
     lambda_l2: float = _opt(0.0, "o-lora: weight of ||new LoRA||^2 (official code: 0)")
+    task_id: str = _opt(
+        "given",
+        "moses at evaluation: given (TIL, route by the true task) or inferred (TaIL, nearest task key)",
+        choices=["given", "inferred"],
+    )
+    sub_rank: int = _opt(2, "moses: rank of each sub-expert")
+    top_k: int = _opt(2, "moses: sub-experts per token")
+    initial_experts: int = _opt(4, "moses: sub-experts the first task opens per projection")
+    new_per_task: int = _opt(2, "moses: sub-experts each later task may open (earlier ones stay selectable)")
     icl_shots: int = _opt(6, "icl: demonstrations per prompt, drawn from the task's training split")
     icl_max_prompt_tokens: int = _opt(2048, "icl: demonstrations are dropped until the prompt fits this many tokens")
     tau: float | int = _opt(0.75, "PMoE: last shallow block, an int (blocks) or a float fraction of them")
@@ -95,6 +104,8 @@ class RunConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # Seed 002's "TRACE 0.5K": 500 training examples per task (mini-trace holds 300 per task).
+    "0.5k": dict(method="moses", train_size=500),
     # A tiny random model learns the smoke stream only with every projection adapted and a high lr.
     "smoke": dict(
         model="tiny-random",

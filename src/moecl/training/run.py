@@ -122,10 +122,11 @@ class Run:
     # -- evaluation ---------------------------------------------------------------------------
 
     def evaluate(
-        self, model: torch.nn.Module, tokenizer, task: Task, progress: Progress, label: str
+        self, model: torch.nn.Module, tokenizer, task: Task, progress: Progress | None, label: str
     ) -> tuple[float, list[dict]]:
         """Score on ``task``'s test set; the examples are split across processes."""
         acc = self.accelerator
+        progress = progress or Progress(disable=True)
         bar = progress.add_task(f"eval {task.name} {label}", total=len(task.test))
         with acc.split_between_processes(list(range(len(task.test)))) as part:
             examples = [task.test[i] for i in part]
@@ -227,7 +228,8 @@ class Run:
                         lambda b=bar: progress.advance(b),
                     )
                     progress.remove_task(bar)
-                self.method.after_task(model, t)
+                own = [e for i in phases[t] for e in self.tasks[i].train]
+                self.method.after_task(model, t, own, collator)
                 for i in phases[t]:
                     memory.add_task(i, self.tasks[i].train)
                 row = self.evaluate_row(model, tokenizer, phases[t][-1], progress, f"after-task-{t}")
@@ -274,6 +276,7 @@ class Run:
             "bwt_convention": cfg.bwt_convention,
             "zero_shot": self.state["zero_shot"],
             "router_allocation": self.router_allocation(model, tokenizer),
+            **self.method.report(self, model, tokenizer),
             "seed": cfg.seed,
             "trainable_params": trainable,
             "total_params": total,

@@ -77,7 +77,8 @@ def train_task(
     for _epoch in range(config.epochs):
         for batch in loader:
             with accelerator.accumulate(ddp_model):
-                loss = method.loss(model, batch, answer_loss(ddp_model, batch, keep_logits))
+                lm_loss = answer_loss(ddp_model, batch, keep_logits, method.forward_kwargs(batch))
+                loss = method.loss(model, batch, lm_loss)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
