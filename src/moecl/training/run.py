@@ -189,7 +189,7 @@ class Run:
         if done:
             model = self.method.load(base, out / "checkpoints" / f"task-{done - 1}")
             memory = ReplayMemory.from_json(json.loads((out / "replay.json").read_text()), cfg.replay, cfg.seed)
-            self.console.print(f"resuming {out} after task {done} of {len(self.tasks)}")
+            self.console.print(f"resuming {out} after {done} of {len(self.phases())} training phases")
         else:
             model = self.method.wrap(base)
             memory = ReplayMemory(cfg.replay, cfg.seed)
@@ -258,8 +258,6 @@ class Run:
     def results(self, model, tokenizer, extra_seconds: float) -> dict[str, Any]:
         cfg, R = self.config, self.state["R"]
         trainable, total = self.method.parameter_counts(model)
-        if not self.method.trains:
-            trainable = 0
         train = self.state["train"]
         joint = self.method.joint  # one row over all tasks: no score before/after to compare
         return {
