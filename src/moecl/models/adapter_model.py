@@ -8,8 +8,9 @@ which adapter they put on each target projection and how its gate is fed.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from moecl.adapters.lora import LINEAR_TYPES
 from moecl.adapters.state import ADAPTER_TYPES, named_adapter_parameters, parameter_counts
 from moecl.models.architectures import check_causal_lm, decoder_blocks, default_target_modules
+from moecl.models.persistence import load_adapters, read_adapter_meta, save_adapters
 
 
 def _matches(path_in_block: str, targets: list[str]) -> bool:
@@ -40,7 +42,16 @@ class AdapterModel(nn.Module):
     Args:
         base_model: a Hugging Face decoder-only causal LM (``AutoModelForCausalLM``).
         target_modules: projections to adapt in every block (``None``: the family's q and v).
+
+    A subclass names its saved ``FORMAT``, its ``CONFIG`` dataclass with the JSON key it is saved
+    under (``CONFIG_KEY``), and the meta key counting its grown tasks (``TASKS_KEY``), and
+    provides ``config``, ``add_task()`` and ``num_tasks``.
     """
+
+    FORMAT: ClassVar[str]
+    CONFIG: ClassVar[type]
+    CONFIG_KEY: ClassVar[str]
+    TASKS_KEY: ClassVar[str] = "num_tasks"
 
     def __init__(self, base_model: PreTrainedModel, target_modules: list[str] | None):
         super().__init__()
@@ -122,3 +133,30 @@ class AdapterModel(nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``base_model.generate`` with the adapters active."""
         return self.base_model.generate(*args, **kwargs)
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def save_meta(self) -> dict[str, Any]:
+        """What ``adapter_config.json`` holds besides the base model's description."""
+        return {
+            "format": self.FORMAT,
+            self.CONFIG_KEY: self.config.to_dict(),
+            "target_modules": self.target_modules,
+            self.TASKS_KEY: self.num_tasks,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter tensors only),
+        atomically."""
+        save_adapters(self, save_directory, self.save_meta())
+
+    @classmethod
+    def from_pretrained(cls, base_model: PreTrainedModel, directory: str | os.PathLike):
+        """Rebuild saved adapters on ``base_model``: same structure, same tensors; the newest
+        task's adapters are trainable, as when saved."""
+        meta = read_adapter_meta(directory, cls.FORMAT, cls.__name__.removesuffix("Model"))
+        model = cls(base_model, cls.CONFIG(**meta[cls.CONFIG_KEY]))
+        for _ in range(meta[cls.TASKS_KEY]):
+            model.add_task()
+        load_adapters(model, directory, meta)
+        return model

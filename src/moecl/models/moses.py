@@ -9,7 +9,6 @@ Our reading of seed 002 (its method section was not readable); see the README. F
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,9 +20,6 @@ from moecl.adapters.lora import linear_features
 from moecl.adapters.subexperts import TaskPrototypes, TaskRouting, TopKRouter
 from moecl.models.adapter_model import AdapterModel
 from moecl.models.architectures import hidden_size
-from moecl.models.persistence import load_adapters, read_adapter_meta, save_adapters
-
-FORMAT = "moecl.moses"
 
 
 @dataclass
@@ -82,6 +78,10 @@ class MoSEsModel(AdapterModel):
     ``task_ids=`` to :meth:`forward` (training: each example's own task), or, with
     ``infer_tasks = True``, the nearest task key to the prompt (TaIL, in :meth:`generate`).
     """
+
+    FORMAT = "moecl.moses"
+    CONFIG = MoSEsConfig
+    CONFIG_KEY = "moses"
 
     def __init__(self, base_model: PreTrainedModel, config: MoSEsConfig | None = None):
         self.config = config or MoSEsConfig()
@@ -196,23 +196,3 @@ class MoSEsModel(AdapterModel):
         """Set task ``task_index``'s key to the mean pooled hidden state of its training prompts."""
         pooled = [self.pooled_hidden(b["input_ids"], b["attention_mask"]) for b in batches]
         self.prototypes.set(task_index, torch.cat(pooled).mean(0))
-
-    # -- persistence ---------------------------------------------------------------------------
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        meta = {
-            "format": FORMAT,
-            "moses": self.config.to_dict(),
-            "target_modules": self.target_modules,
-            "num_tasks": self.num_tasks,
-        }
-        save_adapters(self, save_directory, meta)
-
-    @classmethod
-    def from_pretrained(cls, base_model: PreTrainedModel, directory: str | os.PathLike) -> MoSEsModel:
-        meta = read_adapter_meta(directory, FORMAT, "MoSEs")
-        model = cls(base_model, MoSEsConfig(**meta["moses"]))
-        for _ in range(meta["num_tasks"]):
-            model.add_task()
-        load_adapters(model, directory, meta)
-        return model

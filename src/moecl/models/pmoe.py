@@ -16,7 +16,6 @@ tokens it processes.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,10 +30,7 @@ from moecl.models.adapter_model import AdapterModel
 from moecl.models.architectures import (
     hidden_size,
 )
-from moecl.models.persistence import load_adapters, read_adapter_meta, save_adapters
 from moecl.models.pmoe_config import PMoEConfig
-
-FORMAT = "moecl.pmoe"
 
 
 class PMoEModel(AdapterModel):
@@ -48,6 +44,11 @@ class PMoEModel(AdapterModel):
     construction (and after every ``add_task``) outputs equal the base model's, since every new
     ``B`` is zero.
     """
+
+    FORMAT = "moecl.pmoe"
+    CONFIG = PMoEConfig
+    CONFIG_KEY = "pmoe"
+    TASKS_KEY = "num_experts"
 
     def __init__(self, base_model: PreTrainedModel, config: PMoEConfig | None = None):
         self.config = config or PMoEConfig()
@@ -87,6 +88,10 @@ class PMoEModel(AdapterModel):
 
     @property
     def num_experts(self) -> int:
+        return self._num_experts
+
+    @property
+    def num_tasks(self) -> int:
         return self._num_experts
 
     @property
@@ -159,24 +164,5 @@ class PMoEModel(AdapterModel):
 
     # -- persistence ---------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter tensors only),
-        atomically."""
-        meta = {
-            "format": FORMAT,
-            "pmoe": self.config.to_dict(),
-            "tau_blocks": self.tau,
-            "target_modules": self.target_modules,
-            "num_experts": self.num_experts,
-        }
-        save_adapters(self, save_directory, meta)
-
-    @classmethod
-    def from_pretrained(cls, base_model: PreTrainedModel, directory: str | os.PathLike) -> PMoEModel:
-        """Rebuild a saved PMoE on ``base_model``; the newest expert is trainable, as when saved."""
-        meta = read_adapter_meta(directory, FORMAT, "PMoE")
-        model = cls(base_model, PMoEConfig(**meta["pmoe"]))
-        for _ in range(meta["num_experts"]):
-            model.add_task()
-        load_adapters(model, directory, meta)
-        return model
+    def save_meta(self) -> dict[str, Any]:
+        return {**super().save_meta(), "tau_blocks": self.tau}
