@@ -27,6 +27,9 @@ completed task. With no options: PMoE on SmolLM2-135M-Instruct over mini-trace.
 examples:
   moecl run                                   # the default job
   moecl run --preset smoke --out runs/smoke   # ~15 s, tiny random model, generated stream
+  moecl run --method seq-lora --replay 0.01     # a baseline: sequential LoRA with replay (LoRA-RE)
+  moecl run --method moses --task-id inferred   # MoSEs, task inferred from the prompt (TaIL)
+  moecl run --seeds 0,1,2 --out runs/pmoe       # one folder per seed + seeds.json (mean, sd)
   moecl run --config my.yaml lr=3e-4 replay=0.02
   moecl run --benchmark trace --data-dir TRACE/ --tasks C-STANCE,FOMC,ScienceQA
   accelerate launch --multi_gpu --num_processes 2 -m moecl.cli.main run --preset smoke micro_batch_size=4
