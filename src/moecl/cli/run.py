@@ -216,5 +216,12 @@ def show_command(args: argparse.Namespace, console: Console) -> int:
         console.print("router allocation (task x expert): ")
         for name, row in zip(results["tasks"], results["router_allocation"], strict=True):
             console.print(f"  {name:<16} " + " ".join(f"{x:.2f}" for x in row))
+    if results.get("capacity"):  # MoSEs
+        console.print("adapter elements after each task: " + ", ".join(f"{c:,}" for c in results["capacity"]))
+        accuracy = results["task_inference"]["accuracy"]
+        console.print(
+            "task inferred correctly: "
+            + ", ".join(f"{n} {a:.0%}" for n, a in zip(results["tasks"], accuracy, strict=True))
+        )
     console.print(summary_line(results))
     return 0
