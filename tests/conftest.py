@@ -77,3 +77,29 @@ def perturb_adapters(pmoe, scale: float = 0.5, seed: int = 2) -> None:
     with torch.no_grad():
         for tensor in adapter_state_dict(pmoe).values():
             tensor.copy_(torch.randn(tensor.shape, generator=g, dtype=torch.float64).to(tensor.dtype) * scale)
+
+
+TINY_RUN = dict(
+    model="tiny-random",
+    benchmark="smoke",
+    tasks=["sentiment", "parity", "addition"],
+    train_size=8,
+    test_size=6,
+    epochs=1,
+    batch_size=4,
+    micro_batch_size=4,
+    lr=1e-2,
+    max_prompt_tokens=64,
+    max_answer_tokens=8,
+    eval_batch_size=8,
+)
+
+
+def tiny_run(tmp_path, monkeypatch, name: str, **options):
+    """A whole `moecl run` in-process on tiny-random over 3 smoke tasks; ``(results, run folder)``."""
+    from moecl.training import run as run_module
+    from moecl.training.config import RunConfig
+
+    monkeypatch.setenv("MOECL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / name
+    return run_module.run(RunConfig(**{**TINY_RUN, **options}), out), out

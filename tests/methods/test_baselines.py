@@ -19,30 +19,11 @@ from moecl.models.pmoe import PMoEModel
 from moecl.models.pmoe_config import PMoEConfig
 from moecl.training import run as run_module
 from moecl.training.config import METHOD_NAMES, RunConfig
-from tests.conftest import build_tiny, perturb_adapters, random_tokens
-
-TINY = dict(
-    model="tiny-random",
-    benchmark="smoke",
-    tasks=["sentiment", "parity", "addition"],
-    train_size=8,
-    test_size=4,
-    epochs=1,
-    batch_size=4,
-    micro_batch_size=4,
-    lr=1e-2,
-    rank=2,
-    alpha=4.0,
-    max_prompt_tokens=64,
-    max_answer_tokens=8,
-    eval_batch_size=8,
-)
+from tests.conftest import build_tiny, perturb_adapters, random_tokens, tiny_run
 
 
 def _run(tmp_path: Path, monkeypatch, **options):
-    monkeypatch.setenv("MOECL_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / options["method"]
-    return run_module.run(RunConfig(**{**TINY, **options}), out), out
+    return tiny_run(tmp_path, monkeypatch, options["method"], rank=2, alpha=4.0, **options)
 
 
 def test_every_method_is_registered_and_seq_ft_defaults_to_the_papers_lr():
@@ -162,7 +143,7 @@ def test_icl_never_updates_a_weight(tmp_path, monkeypatch):
     assert results["trainable_params"] == 0 and len(results["R"]) == 1 and None not in results["R"][0]
     assert not list((out / "checkpoints").rglob("*.safetensors"))
     predictions = (out / "predictions" / "after-task-0" / "sentiment.jsonl").read_text().splitlines()
-    assert len(predictions) == 4
+    assert len(predictions) == 6
 
 
 def test_icl_prompts_hold_k_demonstrations_and_drop_them_to_fit():

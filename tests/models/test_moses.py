@@ -9,26 +9,7 @@ from safetensors.torch import load_file
 
 from moecl.adapters.state import adapter_state_dict
 from moecl.models.moses import MoSEsConfig, MoSEsModel
-from moecl.training import run as run_module
-from moecl.training.config import RunConfig
-from tests.conftest import build_tiny, perturb_adapters, random_tokens
-
-TINY = dict(
-    model="tiny-random",
-    benchmark="smoke",
-    method="moses",
-    tasks=["sentiment", "parity", "addition"],
-    train_size=8,
-    test_size=6,
-    epochs=2,
-    batch_size=4,
-    micro_batch_size=4,
-    lr=1e-2,
-    max_prompt_tokens=64,
-    max_answer_tokens=8,
-    eval_batch_size=8,
-    target_modules=["q_proj", "v_proj", "o_proj"],
-)
+from tests.conftest import build_tiny, perturb_adapters, random_tokens, tiny_run
 
 
 def _model(family: str = "llama", tasks: int = 1, **config) -> MoSEsModel:
@@ -112,10 +93,9 @@ def test_save_and_load_give_identical_outputs(tmp_path):
     assert loaded.parameter_counts() == model.parameter_counts()
 
 
-def _run(tmp_path: Path, monkeypatch, **options):
-    monkeypatch.setenv("MOECL_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / options.get("task_id", "given")
-    return run_module.run(RunConfig(**{**TINY, **options}), out), out
+def _run(tmp_path: Path, monkeypatch, task_id: str):
+    targets = ["q_proj", "v_proj", "o_proj"]
+    return tiny_run(tmp_path, monkeypatch, task_id, method="moses", task_id=task_id, epochs=2, target_modules=targets)
 
 
 def test_run_isolates_finished_tasks_grows_sub_linearly_and_reproduces_scores(tmp_path, monkeypatch):
