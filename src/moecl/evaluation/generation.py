@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,15 @@ def encode_prompts(
         input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
         mask[row, width - len(seq) :] = 1
     return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def prompt_batches(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_prompt_tokens: int, batch_size: int, device
+) -> Iterator[dict[str, torch.Tensor]]:
+    """:func:`encode_prompts` over ``prompts`` in order, ``batch_size`` at a time, on ``device``."""
+    for start in range(0, len(prompts), batch_size):
+        batch = encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_tokens)
+        yield {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from moecl.data.trace import Example
-from moecl.evaluation.generation import encode_prompts
+from moecl.evaluation.generation import prompt_batches
 from moecl.io import atomic_write_json
 from moecl.methods.base import Method
 from moecl.models.moses import MoSEsConfig, MoSEsModel
@@ -55,12 +55,10 @@ class MoSEsMethod(Method):
         return {"task_ids": batch["task_ids"]}
 
     def after_task(self, model: MoSEsModel, task_index: int, examples: list[Example], collator: Collator) -> None:
+        prompts = [e.prompt for e in examples]
+        c = self.config
         device = next(model.parameters()).device
-        batches = []
-        for start in range(0, len(examples), self.config.eval_batch_size):
-            prompts = [e.prompt for e in examples[start : start + self.config.eval_batch_size]]
-            batch = encode_prompts(collator.tokenizer, prompts, self.config.max_prompt_tokens)
-            batches.append({k: v.to(device) for k, v in batch.items()})
+        batches = list(prompt_batches(collator.tokenizer, prompts, c.max_prompt_tokens, c.eval_batch_size, device))
         model.learn_task_key(task_index, batches)
 
     def before_eval(self, model: MoSEsModel, task_index: int) -> None:
@@ -78,12 +76,11 @@ class MoSEsMethod(Method):
         task ``j`` routed as task ``i`` (``transfer[i][j]``), written as JSON and PNG too."""
         tasks = run.tasks
         confusion = [[0] * len(tasks) for _ in tasks]  # [true][inferred], over test prompts
-        device = next(model.parameters()).device
+        c, device = self.config, next(model.parameters()).device
         for j, task in enumerate(tasks):
-            for start in range(0, len(task.test), self.config.eval_batch_size):
-                prompts = [e.prompt for e in task.test[start : start + self.config.eval_batch_size]]
-                batch = encode_prompts(tokenizer, prompts, self.config.max_prompt_tokens)
-                for i in model.infer_task_ids(batch["input_ids"].to(device), batch["attention_mask"].to(device)):
+            prompts = [e.prompt for e in task.test]
+            for batch in prompt_batches(tokenizer, prompts, c.max_prompt_tokens, c.eval_batch_size, device):
+                for i in model.infer_task_ids(batch["input_ids"], batch["attention_mask"]):
                     confusion[j][int(i)] += 1
         accuracy = [row[j] / max(1, sum(row)) for j, row in enumerate(confusion)]
         transfer = []

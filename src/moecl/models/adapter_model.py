@@ -60,7 +60,9 @@ class AdapterModel(nn.Module):
             raise ValueError("base_model already carries moecl adapters; pass a fresh base model")
         self.base_model = base_model
         base_model.requires_grad_(False)
-        self.blocks = decoder_blocks(base_model)
+        # A tuple, not the ModuleList itself: assigning that would register every block a second
+        # time (as `blocks.*` beside `base_model.*`) and double the model's state_dict.
+        self.blocks = tuple(decoder_blocks(base_model))
         self.num_blocks = len(self.blocks)
         self.target_modules = list(target_modules or default_target_modules(base_model))
         self._check_targets()

@@ -34,7 +34,7 @@ from rich.table import Table
 
 from moecl.data.trace import Task, load_benchmark
 from moecl.evaluation.continual import backward_transfer, forward_transfer, overall_performance
-from moecl.evaluation.generation import encode_prompts, generate, max_new_tokens_for, score_predictions
+from moecl.evaluation.generation import generate, max_new_tokens_for, prompt_batches, score_predictions
 from moecl.io import atomic_write_json, atomic_write_text
 from moecl.methods import METHODS
 from moecl.methods.base import Method
@@ -161,14 +161,11 @@ class Run:
         rows = []
         for task in self.tasks:
             sums = None
-            for start in range(0, len(task.test), self.config.eval_batch_size):
-                prompts = [e.prompt for e in task.test[start : start + self.config.eval_batch_size]]
-                batch = encode_prompts(tokenizer, prompts, self.config.max_prompt_tokens)
-                means = self.method.gate_means(
-                    model,
-                    batch["input_ids"].to(self.accelerator.device),
-                    batch["attention_mask"].to(self.accelerator.device),
-                )
+            prompts = [e.prompt for e in task.test]
+            for batch in prompt_batches(
+                tokenizer, prompts, self.config.max_prompt_tokens, self.config.eval_batch_size, self.accelerator.device
+            ):
+                means = self.method.gate_means(model, batch["input_ids"], batch["attention_mask"])
                 if means is None:
                     return None
                 sums = means.sum(0) if sums is None else sums + means.sum(0)
