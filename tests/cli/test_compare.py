@@ -1,4 +1,4 @@
-"""`moecl run --seeds` and `moecl compare`: per-seed folders, mean ± sd, Table-1 layout, the figure."""
+"""`moecl run --seeds` and `moecl compare`: per-seed folders, mean ± 95% CI, floors, Table-1 layout, the figure."""
 
 import csv
 import json
@@ -20,7 +20,7 @@ TINY = [
 ]
 
 
-def test_seeds_then_compare_write_mean_and_sd_in_table_one_layout(tmp_path, monkeypatch):
+def test_seeds_then_compare_write_mean_ci_and_floors_in_table_one_layout(tmp_path, monkeypatch):
     monkeypatch.setenv("MOECL_CACHE", str(tmp_path / "cache"))
     pmoe, lora = tmp_path / "pmoe", tmp_path / "lora"
     assert main(["run", *TINY, "--seeds", "0,1", "--out", str(pmoe)]) == 0
@@ -35,8 +35,8 @@ def test_seeds_then_compare_write_mean_and_sd_in_table_one_layout(tmp_path, monk
     out = tmp_path / "cmp"
     assert main(["compare", str(pmoe), str(lora), "--labels", "PMoE,LoRA", "--out", str(out)]) == 0
     lines = (out / "compare.md").read_text().splitlines()
-    assert lines[0] == "| task | PMoE | LoRA |"
-    assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:]] == [
+    assert lines[0] == "| task | majority | zero-shot | PMoE | LoRA |"
+    assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:8]] == [
         "sentiment",
         "parity",
         "OP",
@@ -45,12 +45,12 @@ def test_seeds_then_compare_write_mean_and_sd_in_table_one_layout(tmp_path, monk
         "seeds",
     ]
     op_row = next(line for line in lines if line.startswith("| OP |"))
-    mean, sd = statistics.mean(ops), statistics.stdev(ops)
-    assert f"{mean:.2f} ± {sd:.2f}" in op_row
+    mean, half = statistics.mean(ops), 12.7062047 * statistics.stdev(ops) / 2**0.5  # t_{0.975, 1} * sem
+    assert f"{mean:.2f} ± {half:.2f}" in op_row
     rows = {r[0]: r for r in csv.reader((out / "compare.csv").read_text().splitlines())}
-    assert float(rows["OP"][1]) == pytest.approx(mean, abs=1e-4) and rows["OP"][3] == "2"
+    assert float(rows["OP"][3]) == pytest.approx(mean, abs=1e-4) and rows["OP"][5] == "2"
     lora_results = json.loads((lora / "results.json").read_text())
-    assert float(rows["OP"][4]) == pytest.approx(lora_results["OP"], abs=1e-4)
+    assert float(rows["OP"][6]) == pytest.approx(lora_results["OP"], abs=1e-4)
     assert (out / "r_matrices.png").stat().st_size > 1000
 
 

@@ -69,9 +69,35 @@ def test_tasks_follow_trace_order_and_answer_with_letters(tmp_path):
     letter = ex.answer.strip()
     chosen = ex.prompt.split(f"({letter}) ")[1].split("\n")[0]
     assert chosen == "abcd"[int(ex.prompt.split("question ")[1].split("\n")[0]) % 4]  # the option scored 1
-    assert len(tasks[0].test) == mini_trace.TEST and len(tasks[0].train) == mini_trace.TRAIN
+    assert len(tasks[0].test) == mini_trace.TEST and len(tasks[0].eval) == mini_trace.EVAL
+    assert len(tasks[0].train) == mini_trace.TRAIN
     assert tasks[7].train[0].answer.strip().count(".") == 1  # first sentence only
     again = mini_trace.build_tasks(_fake_sources(), seed=0)
     assert again[4].train == physics.train  # deterministic for a seed
     mini_trace.write_benchmark(tmp_path, tasks)
     assert [t.name for t in load_benchmark(tmp_path)] == [t.name for t in tasks]
+
+
+def test_validation_split_is_disjoint_from_train_and_test_and_deterministic(tmp_path):
+    import random
+
+    from moecl.data.trace import Example
+
+    pool = [Example(f"q{i}", f" {i % 3}") for i in range(1000)]
+    train, held, test = mini_trace.split_pool(pool, random.Random("s"))
+    assert (len(train), len(held), len(test)) == (mini_trace.TRAIN, mini_trace.EVAL, mini_trace.TEST)
+    assert not {e.prompt for e in train} & {e.prompt for e in held}
+    assert not {e.prompt for e in held} & {e.prompt for e in test}
+    assert not {e.prompt for e in train} & {e.prompt for e in test}
+    assert mini_trace.split_pool(pool, random.Random("s")) == (train, held, test)
+    assert mini_trace.split_pool(pool, random.Random("t"))[1] != held
+    small = mini_trace.split_pool(pool[:229], random.Random("s"))  # physics' size: a quarter each
+    assert [len(x) for x in small] == [115, 57, 57]
+
+    tasks = mini_trace.build_tasks(_fake_sources(), seed=0)
+    mini_trace.write_benchmark(tmp_path, tasks)
+    for task in load_benchmark(tmp_path):
+        assert task.eval, task.name
+        prompts = [{e.prompt for e in task.split(s)} for s in ("train", "eval", "test")]
+        if task.name != "stdlib-py":  # generated lines may repeat, as code does
+            assert not (prompts[0] & prompts[1]) and not (prompts[1] & prompts[2]) and not (prompts[0] & prompts[2])

@@ -15,7 +15,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from moecl.cli.run import RUN_DESCRIPTION, add_run_arguments, compare_command, run_command, show_command
+from moecl.cli.run import (
+    RUN_DESCRIPTION,
+    add_run_arguments,
+    compare_command,
+    run_command,
+    seed_list,
+    show_command,
+    study_command,
+)
 from moecl.theory.experiments import DEFAULT_RUNS, run_setting, settings_for, write_report
 
 THEORY_HELP = """\
@@ -37,14 +45,38 @@ curves.json, F_t*.png and G_t*.png (mean with a one-sd band), config.json."""
 
 COMPARE_HELP = """\
 Compare finished runs over the same task stream. Each RUN_DIR is a `moecl run` folder, or a
-folder of seed-<s>/ runs made with --seeds (reported as mean ± sd). Rows: each task's final
-score, then OP, BWT and the trainable share of parameters; columns: the runs.
+folder of seed-<s>/ runs made with --seeds. Rows: each task's final score, then OP, BWT and the
+trainable share of parameters; columns: the floors (majority class, base model zero-shot), then
+the runs, each cell the mean ± the half-width of a 95% confidence interval over seeds.
+--reference LABEL adds each column's paired difference to that column in OP and BWT: a
+bootstrap over (seed, test item) that pairs the same seeds and items, marked * when its 95%
+interval excludes 0 (the difference is resolved).
 
-Writes to --out: compare.md (Markdown), compare.csv (mean, sd, n per column), compare.json and
+Writes to --out: compare.md (Markdown), compare.csv (mean, ci95, n per column), compare.json and
 r_matrices.png (each run's R matrix as a heat map, mean over seeds).
 
 example:
-  moecl compare runs/pmoe runs/seq-lora runs/o-lora --labels PMoE,LoRA,O-LoRA --out docs/results"""
+  moecl compare runs/pmoe runs/seq-lora runs/o-lora --labels PMoE,LoRA,O-LoRA --reference LoRA --out docs/results"""
+
+
+STUDY_HELP = """\
+Run a list of methods (each a set of `moecl run` options) x seeds and write one comparison
+table. Every (method, seed) runs into OUT/<label>/seed-<s>/; run the same command again after a
+crash and it skips the finished runs and resumes the interrupted one. At the end: OUT/compare.md
+(mean ± 95% CI per cell, the floors, and with `reference:` the paired differences), compare.csv,
+compare.json, r_matrices.png, OUT/<label>/seeds.json and OUT/study.json (wall time per run).
+
+A study file (YAML):
+  seeds: [0, 1, 2]
+  reference: LoRA-RE                  # optional
+  common: {eval_split: eval}          # optional, options shared by every entry
+  runs:
+    - {label: PMoE, options: {method: pmoe}}
+    - {label: LoRA-RE, options: {method: seq-lora, replay: 0.01}}
+
+examples:
+  moecl study studies/table1.yaml --out runs/table1
+  moecl study studies/table1.yaml --seeds 0 eval_split=eval --out runs/table1-val   # key=value: every entry"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("runs/compare"), help="where to write (default: runs/compare)"
     )
     compare.add_argument("--labels", help="comma-separated column names, one per RUN_DIR (default: method names)")
+    compare.add_argument(
+        "--reference",
+        metavar="LABEL",
+        help="a column's label: add every other column's paired difference to it in OP and BWT, with a "
+        "bootstrap 95%% CI over (seed, test item) and whether it excludes 0",
+    )
     compare.set_defaults(handler=compare_command)
+    study = commands.add_parser(
+        "study",
+        help="run methods x seeds from a YAML file, resumably, and write the comparison table",
+        description=STUDY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    study.add_argument("file", type=Path, metavar="FILE.yaml", help="the study file (see above)")
+    study.add_argument("--out", type=Path, help="study folder (default: runs/<file name without .yaml>)")
+    study.add_argument("--seeds", type=seed_list, metavar="S,S,...", help="override the file's seeds")
+    study.add_argument("--force", action="store_true", help="start over every run folder (and re-run finished ones)")
+    study.add_argument("overrides", nargs="*", metavar="key=value", help="options applied to every entry, last")
+    study.set_defaults(handler=study_command)
     theory = commands.add_parser(
         "theory",
         help="simulate seed 003's MoE continual-learning theory",

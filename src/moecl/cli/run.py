@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from moecl.training.config import PRESETS, RunConfig
+from moecl.training.config import PRESETS, RunConfig, config_from_options, converter
 
 RUN_DESCRIPTION = """\
 Train a method over a stream of tasks, evaluating after every task, and write the run folder
@@ -37,23 +37,6 @@ examples:
 """
 
 
-def _number(text: str) -> int | float:
-    """``"24"`` -> 24 blocks, ``"0.75"`` -> a fraction: the type carries the meaning for tau."""
-    return float(text) if any(c in text for c in ".eE") else int(text)
-
-
-def _converter(annotation: str):
-    if "list" in annotation or annotation.startswith("str"):
-        return str
-    if annotation.startswith("float | int"):
-        return _number
-    if annotation.startswith("int"):
-        return int
-    if annotation.startswith("float"):
-        return float
-    raise TypeError(annotation)
-
-
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -64,7 +47,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(
                 flag,
-                type=_converter(f.type),
+                type=converter(f.type),
                 default=None,
                 choices=f.metadata.get("choices"),
                 metavar=f.name.upper(),
@@ -81,7 +64,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="start over a run folder made with another config")
     parser.add_argument(
         "--seeds",
-        type=_seed_list,
+        type=seed_list,
         metavar="S,S,...",
         help="run once per seed into OUT/seed-<s>/ and write OUT/seeds.json (mean and sd of OP, BWT, FWT and "
         "each task's final score); overrides --seed",
@@ -100,30 +83,23 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         if not isinstance(loaded, dict):
             raise ValueError(f"{args.config}: expected a mapping of option: value")
         values.update(loaded)
-    for item in args.overrides:
+    values.update(parse_overrides(args.overrides))
+    values.update({n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+    return config_from_options(values)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` words (values YAML-typed) as a mapping; dashes in keys read as underscores."""
+    values = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} is not key=value")
         values[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    values.update({n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)}; see `moecl run --help`")
-    return RunConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    return values
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Strings from YAML or ``key=value`` that stand for numbers become numbers (YAML reads 1e-3 as text)."""
-    kind = {f.name: f.type for f in fields(RunConfig)}[name]
-    if isinstance(value, str) and kind != "bool" and _converter(kind) is not str:
-        try:
-            return _converter(kind)(value)
-        except ValueError as err:
-            raise ValueError(f"option {name}: {value!r} is not a number") from err
-    return value
-
-
-def _seed_list(text: str) -> list[int]:
+def seed_list(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError as err:
@@ -189,7 +165,7 @@ def compare_command(args: argparse.Namespace, console: Console) -> int:
     from moecl.reports.compare import write_comparison
 
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    text = write_comparison(args.run_dirs, args.out, labels)
+    text = write_comparison(args.run_dirs, args.out, labels, args.reference)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {args.out}/compare.md, compare.csv, compare.json, r_matrices.png")
     return 0
@@ -224,4 +200,15 @@ def show_command(args: argparse.Namespace, console: Console) -> int:
             + ", ".join(f"{n} {a:.0%}" for n, a in zip(results["tasks"], accuracy, strict=True))
         )
     console.print(summary_line(results))
+    return 0
+
+
+def study_command(args: argparse.Namespace, console: Console) -> int:
+    from moecl.study import load_study, run_study
+
+    study = load_study(args.file, parse_overrides(args.overrides), args.seeds)
+    out = args.out or Path("runs") / args.file.stem
+    text = run_study(study, out, force=args.force, console=console)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {out}/compare.md, compare.csv, compare.json, r_matrices.png, study.json")
     return 0

@@ -40,7 +40,12 @@ from moecl.data.trace import MANIFEST, Example, Task, write_benchmark
 BIGBENCH = "bigbench==1.0.0"
 SDIST = "bigbench-1.0.0.tar.gz"
 PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
-TRAIN, TEST = 300, 100
+VERSION = 2
+"""Bumped when the build changes what it writes; the cache folder is ``mini-trace-v<VERSION>``,
+so an older build is never read as the current one. v2: a validation split, larger test sets."""
+TRAIN, EVAL, TEST = 500, 200, 200
+"""Per-task caps; a smaller source gives a quarter of its pool to each of test and eval (physics:
+229 items -> 57 / 57 / 115, implicatures: 492 -> 123 / 123 / 246)."""
 DEFAULT_TASKS = ["multiemo-en", "implicatures", "physics", "arithmetic"]
 """What ``moecl run`` takes when no tasks are named (``--tasks all`` takes the 8): the four tasks
 SmolLM2-135M learns within minutes on two CPU cores, three of them answering with letters."""
@@ -92,11 +97,18 @@ def read_members(sdist: Path, names: set[str]) -> dict[str, bytes]:
     return {k: json.loads(v) for k, v in found.items()}
 
 
-def _split(examples: list[Example], rng: random.Random) -> tuple[list[Example], list[Example]]:
-    examples = list(examples)
+def split_pool(examples: list[Example], rng: random.Random) -> tuple[list[Example], list[Example], list[Example]]:
+    """``(train, eval, test)``, disjoint, from one seeded shuffle of the pool: test and eval get
+    ``min(TEST, n // 4)`` and ``min(EVAL, n // 4)`` items, train the rest up to ``TRAIN``. A prompt
+    that occurs twice in the source is kept once, so no prompt is in two splits."""
+    first: dict[str, Example] = {}
+    for example in examples:
+        first.setdefault(example.prompt, example)
+    examples = list(first.values())
     rng.shuffle(examples)
-    test = examples[: min(TEST, len(examples) // 2)]
-    return examples[len(test) : len(test) + TRAIN], test
+    n_test, n_eval = min(TEST, len(examples) // 4), min(EVAL, len(examples) // 4)
+    test, held = examples[:n_test], examples[n_test : n_test + n_eval]
+    return examples[n_test + n_eval :][:TRAIN], held, test
 
 
 def multiple_choice(task: dict, instruction: str, rng: random.Random, fixed: bool = False) -> list[Example]:
@@ -146,6 +158,7 @@ def stdlib_lines(rng: random.Random, count: int, context: int = 8) -> list[Examp
     """Next-line completion on the standard library of the running Python (Py150's stand-in)."""
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     out: list[Example] = []
+    seen: set[str] = set()
     while len(out) < count:
         lines = rng.choice(files).read_text(encoding="utf-8", errors="replace").splitlines()
         if len(lines) <= context + 1:
@@ -154,8 +167,10 @@ def stdlib_lines(rng: random.Random, count: int, context: int = 8) -> list[Examp
         target = lines[i].strip()
         if not 8 <= len(target) <= 80 or target.startswith("#"):
             continue
-        prompt = "Complete the next line of Python code.\n" + "\n".join(lines[i - context : i])
-        out.append(Example(prompt + "\n", f" {target}"))
+        prompt = "Complete the next line of Python code.\n" + "\n".join(lines[i - context : i]) + "\n"
+        if prompt not in seen:  # a prompt in two splits would leak its answer
+            seen.add(prompt)
+            out.append(Example(prompt, f" {target}"))
     return out
 
 
@@ -185,7 +200,7 @@ def build_tasks(data: dict[str, dict], seed: int) -> list[Task]:
             "rouge_l",
             lambda: summaries(data["gem/xsum/task.json"], "Summarize the article in one sentence.", "Summary"),
         ),
-        ("stdlib-py", "edit_similarity", lambda: stdlib_lines(rng("stdlib-py"), TRAIN + TEST)),
+        ("stdlib-py", "edit_similarity", lambda: stdlib_lines(rng("stdlib-py"), TRAIN + EVAL + TEST)),
         (
             "physics",
             "first_char",
@@ -223,8 +238,8 @@ def build_tasks(data: dict[str, dict], seed: int) -> list[Task]:
         examples = make()
         if name == "multiemo-en":  # 57k sentences: sample before splitting
             examples = rng("pool").sample(examples, 2000)
-        train, test = _split(examples, rng(f"split:{name}"))
-        tasks.append(Task(name, metric, train, test))
+        train, held, test = split_pool(examples, rng(f"split:{name}"))
+        tasks.append(Task(name, metric, train, test, held))
     return tasks
 
 

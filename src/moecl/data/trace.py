@@ -60,6 +60,12 @@ class Task:
     test: list[Example]
     eval: list[Example] = field(default_factory=list)
 
+    def split(self, name: str) -> list[Example]:
+        """``train``, ``eval`` or ``test`` by name (``RunConfig.eval_split`` names the scored one)."""
+        if name not in ("train", "eval", "test"):
+            raise ValueError(f"no split {name!r}; splits are train, eval, test")
+        return getattr(self, name)
+
 
 def read_split(path: Path) -> list[Example]:
     """Read and validate one split file; raise :class:`DataError` naming file, record and field."""
@@ -139,10 +145,12 @@ def load_benchmark(
     train_size: int | None = None,
     test_size: int | None = None,
     seed: int = 0,
+    eval_size: int | None = None,
 ) -> list[Task]:
     """Load and validate every task of a benchmark root, in stream order.
 
-    ``train_size``/``test_size`` cap each split by a seeded sample (same seed, same subset).
+    ``train_size``/``test_size``/``eval_size`` cap each split by a seeded sample (same seed, same
+    subset).
     """
     root = Path(root)
     metrics = {**TRACE_METRICS, **_manifest(root).get("metrics", {})}
@@ -158,7 +166,7 @@ def load_benchmark(
                     continue
                 raise DataError(f"{path}: missing; every task folder needs train.json and test.json")
             splits[split] = read_split(path)
-        cap = {"train": train_size, "test": test_size}
+        cap = {"train": train_size, "test": test_size, "eval": eval_size}
         for split, n in cap.items():
             if n is not None and len(splits[split]) > n:
                 splits[split] = random.Random(f"{seed}:{name}:{split}").sample(splits[split], n)

@@ -78,7 +78,7 @@ class MoSEsMethod(Method):
         confusion = [[0] * len(tasks) for _ in tasks]  # [true][inferred], over test prompts
         c, device = self.config, next(model.parameters()).device
         for j, task in enumerate(tasks):
-            prompts = [e.prompt for e in task.test]
+            prompts = [e.prompt for e in task.split(self.config.eval_split)]
             for batch in prompt_batches(tokenizer, prompts, c.max_prompt_tokens, c.eval_batch_size, device):
                 for i in model.infer_task_ids(batch["input_ids"], batch["attention_mask"]):
                     confusion[j][int(i)] += 1

@@ -1,7 +1,11 @@
 """Method comparison laid out like seed 001's Table 1, and the R matrices side by side.
 
 A run folder holds ``results.json`` (one seed) or ``seed-<s>/results.json`` subfolders
-(``moecl run --seeds``); each becomes one column, reported as mean ± sd over its seeds.
+(``moecl run --seeds``); each becomes one column, reported as mean ± the half-width of a 95%
+confidence interval over its seeds (Student's t). The floors of every task (majority class,
+base model zero-shot) stand beside the methods, and ``reference`` adds each column's paired
+difference in OP and BWT against one column, with a bootstrap interval over (seed, test item)
+(:mod:`moecl.reports.stats`).
 """
 
 from __future__ import annotations
@@ -9,14 +13,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from moecl.io import atomic_path, atomic_write_json, atomic_write_text
+from moecl.reports.stats import ItemScores, item_scores, mean_ci, paired_bootstrap
 from moecl.reports.tables import markdown_table
 from moecl.training.config import DEFAULT_REPLAY
 
@@ -27,6 +31,7 @@ class MethodRuns:
 
     label: str
     results: list[dict[str, Any]]
+    folders: list[Path] = field(default_factory=list)
 
     @property
     def tasks(self) -> list[str]:
@@ -40,23 +45,34 @@ class MethodRuns:
     def values(self, key: str) -> list[float]:
         return [r[key] for r in self.results if r.get(key) is not None]
 
+    def floors(self, kind: str) -> list[list[float]]:
+        """Per task, the ``kind`` floor ("majority" or "zero_shot") over the seeds that recorded it."""
+        return [
+            [r["floors"][task][kind] for r in self.results if r.get("floors") and r["floors"][task][kind] is not None]
+            for task in self.tasks
+        ]
+
+    def item_scores(self) -> dict[int, ItemScores]:
+        """Per seed, the per-item scores the paired bootstrap resamples."""
+        return {r["seed"]: item_scores(folder, r) for folder, r in zip(self.folders, self.results, strict=True)}
+
     def mean_R(self) -> np.ndarray:
         """``R`` averaged over seeds, NaN where not evaluated: ``(rows, tasks)``."""
         stack = np.array([[[np.nan if v is None else v for v in row] for row in r["R"]] for r in self.results])
         return stack.mean(axis=0)
 
 
-def load_results(run_dir: Path) -> list[dict[str, Any]]:
-    """``results.json`` of a run folder, or of every ``seed-*`` subfolder of a multi-seed one."""
+def load_results(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """``(folder, results.json)`` of a run folder, or of every ``seed-*`` subfolder of a multi-seed one."""
     if (run_dir / "results.json").is_file():
-        return [json.loads((run_dir / "results.json").read_text())]
-    seeds = sorted(run_dir.glob("seed-*/results.json"))
+        return [(run_dir, json.loads((run_dir / "results.json").read_text()))]
+    seeds = sorted(run_dir.glob("seed-*/results.json"), key=lambda p: int(p.parent.name.split("-", 1)[1]))
     if not seeds:
         raise ValueError(
             f"{run_dir} holds no results.json nor seed-*/results.json: not a finished `moecl run` folder "
             "(an unfinished one resumes when its command is run again)"
         )
-    return [json.loads(p.read_text()) for p in seeds]
+    return [(p.parent, json.loads(p.read_text())) for p in seeds]
 
 
 def default_label(results: dict[str, Any], config: dict[str, Any] | None) -> str:
@@ -73,10 +89,15 @@ def collect(run_dirs: list[Path], labels: list[str] | None = None) -> list[Metho
         raise ValueError(f"--labels names {len(labels)} columns for {len(run_dirs)} run folders")
     columns = []
     for i, run_dir in enumerate(run_dirs):
-        results = load_results(run_dir)
+        loaded = load_results(run_dir)
+        results = [r for _, r in loaded]
         config_path = next(iter(sorted(run_dir.glob("config.json")) + sorted(run_dir.glob("seed-*/config.json"))), None)
         config = json.loads(config_path.read_text()) if config_path else None
-        columns.append(MethodRuns(labels[i] if labels else default_label(results[0], config), results))
+        label = labels[i] if labels else default_label(results[0], config)
+        columns.append(MethodRuns(label, results, [f for f, _ in loaded]))
+    names = [c.label for c in columns]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two columns are both called {max(names, key=names.count)!r}: name them with --labels")
     first = columns[0]
     for column in columns[1:]:
         if column.tasks != first.tasks:
@@ -88,13 +109,23 @@ def collect(run_dirs: list[Path], labels: list[str] | None = None) -> list[Metho
 
 
 def _cell(values: list[float], digits: int = 1) -> str:
+    """``mean ± h``, ``h`` the half-width of the 95% interval over seeds (the mean alone for one seed)."""
     if not values:
         return "–"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+    mean, half = mean_ci(values)
+    return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def floor_rows(columns: list[MethodRuns]) -> dict[str, list[float | None]]:
+    """The floors beside the table: per row (tasks, then OP), the majority and zero-shot scores
+    (means over the first column's seeds; the floors are the stream's, not the method's)."""
+    out: dict[str, list[float | None]] = {}
+    for kind in ("majority", "zero_shot"):
+        per_task = [float(np.mean(v)) if v else None for v in columns[0].floors(kind)]
+        known = [v for v in per_task if v is not None]
+        op = sum(known) / len(known) if len(known) == len(per_task) else None
+        out[kind] = [*per_task, op]
+    return out
 
 
 def table_rows(columns: list[MethodRuns]) -> list[tuple[str, list[list[float]]]]:
@@ -107,28 +138,80 @@ def table_rows(columns: list[MethodRuns]) -> list[tuple[str, list[list[float]]]]
     return rows
 
 
-def markdown(columns: list[MethodRuns]) -> str:
-    rows = [
-        [name, *(_cell(v, {"trainable %": 3, "OP": 2, "BWT": 2}.get(name, 1)) for v in values)]
-        for name, values in table_rows(columns)
-    ]
-    rows.append(["seeds", *(str(len(c.results)) for c in columns)])
-    return markdown_table(["task", *(c.label for c in columns)], rows)
+def markdown(columns: list[MethodRuns], paired: dict[str, Any] | None = None) -> str:
+    """Table 1: rows tasks, OP, BWT, trainable share, seeds; the floors, then one column per run;
+    cells are mean ± 95% CI over seeds. With ``paired``, a second table of differences."""
+    floors = floor_rows(columns)
+    rows = []
+    for r, (name, values) in enumerate(table_rows(columns)):
+        floor_cells = [
+            "–" if r >= len(floors["majority"]) or floors[k][r] is None else f"{floors[k][r]:.1f}"
+            for k in ("majority", "zero_shot")
+        ]
+        digits = {"trainable %": 3, "OP": 2, "BWT": 2}.get(name, 1)
+        rows.append([name, *floor_cells, *(_cell(v, digits) for v in values)])
+    rows.append(["seeds", "", "", *(str(len(c.results)) for c in columns)])
+    text = markdown_table(["task", "majority", "zero-shot", *(c.label for c in columns)], rows)
+    text += (
+        "\nCells: mean ± half-width of the 95% confidence interval over seeds (Student's t); one seed: the "
+        "mean alone. majority / zero-shot: the floors (always the most frequent training answer; the base "
+        "model without training) on the same items.\n"
+    )
+    if paired:
+        text += "\n" + paired_markdown(paired)
+    return text
+
+
+def paired_differences(columns: list[MethodRuns], reference: str, samples: int = 10_000) -> dict[str, Any]:
+    """Every column's paired difference against ``reference`` in OP and BWT (bootstrap 95% CI)."""
+    labels = [c.label for c in columns]
+    if reference not in labels:
+        raise ValueError(f"--reference {reference!r} is not a column; columns: {', '.join(labels)}")
+    ref = columns[labels.index(reference)]
+    convention = ref.results[0].get("bwt_convention", "seed")
+    ref_items = ref.item_scores()
+    return {
+        "reference": reference,
+        "bootstrap_samples": samples,
+        "differences": {
+            c.label: paired_bootstrap(c.item_scores(), ref_items, convention, samples)
+            for c in columns
+            if c.label != reference
+        },
+    }
+
+
+def paired_markdown(paired: dict[str, Any]) -> str:
+    def cell(d: dict[str, Any] | None) -> str:
+        if d is None:
+            return "–"
+        mark = " *" if d["excludes_zero"] else ""
+        return f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]{mark}"
+
+    rows = [[label, cell(d["OP"]), cell(d["BWT"]), str(d["OP"]["seeds"])] for label, d in paired["differences"].items()]
+    header = ["vs " + paired["reference"], "Δ OP [95% CI]", "Δ BWT [95% CI]", "paired seeds"]
+    return (
+        markdown_table(header, rows)
+        + "\nPaired over (seed, test item), bootstrap with "
+        + f"{paired['bootstrap_samples']:,} replicates; * the interval excludes 0 (the difference is resolved).\n"
+    )
 
 
 def csv_text(columns: list[MethodRuns]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["row", *(f"{c.label} {part}" for c in columns for part in ("mean", "sd", "n"))])
-    for name, values in table_rows(columns):
-        cells = []
+    writer.writerow(
+        ["row", "majority", "zero_shot", *(f"{c.label} {part}" for c in columns for part in ("mean", "ci95", "n"))]
+    )
+    floors = floor_rows(columns)
+    for r, (name, values) in enumerate(table_rows(columns)):
+        cells = [
+            "" if r >= len(floors[k]) or floors[k][r] is None else f"{floors[k][r]:.4f}"
+            for k in ("majority", "zero_shot")
+        ]
         for v in values:
-            arr = np.array(v, dtype=float)
-            cells += [
-                f"{arr.mean():.4f}" if arr.size else "",
-                f"{arr.std(ddof=1):.4f}" if arr.size > 1 else "",
-                arr.size,
-            ]
+            mean, half = mean_ci(v) if v else (None, None)
+            cells += ["" if mean is None else f"{mean:.4f}", "" if half is None else f"{half:.4f}", len(v)]
         writer.writerow([name, *cells])
     return buffer.getvalue()
 
@@ -157,10 +240,13 @@ def plot_r_matrices(columns: list[MethodRuns], path: Path) -> None:
     plt.close(fig)
 
 
-def write_comparison(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> str:
+def write_comparison(
+    run_dirs: list[Path], out: Path, labels: list[str] | None = None, reference: str | None = None
+) -> str:
     """Write ``compare.md``, ``compare.csv``, ``compare.json`` and ``r_matrices.png`` to ``out``."""
     columns = collect(run_dirs, labels)
-    text = markdown(columns)
+    paired = paired_differences(columns, reference) if reference else None
+    text = markdown(columns, paired)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.md", text)
     atomic_write_text(out / "compare.csv", csv_text(columns))
@@ -170,6 +256,12 @@ def write_comparison(run_dirs: list[Path], out: Path, labels: list[str] | None =
             "runs": [str(p) for p in run_dirs],
             "columns": [c.label for c in columns],
             "rows": {name: dict(zip([c.label for c in columns], v, strict=True)) for name, v in table_rows(columns)},
+            "ci95": {
+                name: {c.label: (mean_ci(v)[1] if v else None) for c, v in zip(columns, values, strict=True)}
+                for name, values in table_rows(columns)
+            },
+            "floors": dict(zip(["majority", "zero_shot"], floor_rows(columns).values(), strict=True)),
+            "paired": paired,
         },
     )
     plot_r_matrices(columns, out / "r_matrices.png")
@@ -177,14 +269,16 @@ def write_comparison(run_dirs: list[Path], out: Path, labels: list[str] | None =
 
 
 def seed_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and sd over seeds of OP, BWT, FWT and every task's final score (``seeds.json``)."""
-    column = MethodRuns(results[0]["method"], results)
+    """Mean, sd and 95% CI half-width over seeds of OP, BWT, FWT and every task's final score
+    (``seeds.json``)."""
+    column = MethodRuns(results[0]["method"], results)  # no folders: summaries only
 
     def stats(values: list[float]) -> dict[str, float | None]:
         if not values:
-            return {"mean": None, "sd": None}
+            return {"mean": None, "sd": None, "ci95": None}
         arr = np.array(values, dtype=float)
-        return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if arr.size > 1 else 0.0}
+        sd = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+        return {"mean": float(arr.mean()), "sd": sd, "ci95": mean_ci(values)[1]}
 
     return {
         "method": column.label,

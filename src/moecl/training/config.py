@@ -37,7 +37,13 @@ class RunConfig:
         "default selection (mini-trace: 4 of its 8 tasks, see the README)",
     )
     train_size: int | None = _opt(160, "cap on training examples per task (seeded sample); null: all")
-    test_size: int | None = _opt(100, "cap on test examples per task (seeded sample); null: all")
+    test_size: int | None = _opt(200, "cap on test examples per task (seeded sample); null: all")
+    eval_size: int | None = _opt(200, "cap on validation (eval.json) examples per task (seeded sample); null: all")
+    eval_split: str = _opt(
+        "test",
+        "which split fills R: test (TRACE's) or eval (the validation split; choose settings on it, never on test)",
+        choices=["test", "eval"],
+    )
     seed: int = _opt(0, "seed of data order, sampling, initialisation and replay")
     epochs: int = _opt(2, "epochs over each task's training data (replay included)")
     lr: float | None = _opt(
@@ -101,6 +107,50 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _number(text: str) -> int | float:
+    """``"24"`` -> 24 blocks, ``"0.75"`` -> a fraction: the type carries the meaning for tau."""
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def converter(annotation: str):
+    if "list" in annotation or annotation.startswith("str"):
+        return str
+    if annotation.startswith("float | int"):
+        return _number
+    if annotation.startswith("int"):
+        return int
+    if annotation.startswith("float"):
+        return float
+    raise TypeError(annotation)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Strings from YAML or ``key=value`` that stand for numbers become numbers (YAML reads 1e-3 as text)."""
+    kind = {f.name: f.type for f in fields(RunConfig)}[name]
+    if isinstance(value, str) and kind != "bool" and converter(kind) is not str:
+        try:
+            return converter(kind)(value)
+        except ValueError as err:
+            raise ValueError(f"option {name}: {value!r} is not a number") from err
+    return value
+
+
+def config_from_options(values: dict[str, Any]) -> RunConfig:
+    """A :class:`RunConfig` from options as YAML or ``key=value`` give them: ``preset`` expands
+    first (the other keys win over it), text that stands for a number becomes one, and unknown
+    keys are refused by name."""
+    values = dict(values)
+    preset = values.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset {preset!r} is not one of {', '.join(sorted(PRESETS))}")
+        values = {**PRESETS[preset], **values}
+    unknown = sorted(set(values) - {f.name for f in fields(RunConfig)})
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; see `moecl run --help`")
+    return RunConfig(**{k: _coerce(k, v) for k, v in values.items()})
 
 
 PRESETS: dict[str, dict[str, Any]] = {

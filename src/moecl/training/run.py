@@ -19,6 +19,7 @@ task, so the resumed run produces the same numbers as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -32,8 +33,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from moecl.data.trace import Task, load_benchmark
+from moecl.data.trace import DataError, Task, load_benchmark
 from moecl.evaluation.continual import backward_transfer, forward_transfer, overall_performance
+from moecl.evaluation.floors import ZeroShotCache, majority_score, zero_shot_key
 from moecl.evaluation.generation import generate, max_new_tokens_for, prompt_batches, score_predictions
 from moecl.io import atomic_write_json, atomic_write_text
 from moecl.methods import METHODS
@@ -56,13 +58,23 @@ def benchmark_root(config: RunConfig) -> Path:
 
         root = cache_dir() / "data" / "smoke"
         return root if (root / "moecl_tasks.json").is_file() else build_smoke(root)
-    from moecl.data.mini_trace import build_mini_trace
+    from moecl.data.mini_trace import VERSION, build_mini_trace
 
-    return build_mini_trace(cache_dir() / "data" / "mini-trace")
+    return build_mini_trace(cache_dir() / "data" / f"mini-trace-v{VERSION}")
 
 
 def load_tasks(config: RunConfig) -> list[Task]:
-    return load_benchmark(benchmark_root(config), config.tasks, config.train_size, config.test_size, config.seed)
+    root = benchmark_root(config)
+    tasks = load_benchmark(root, config.tasks, config.train_size, config.test_size, config.seed, config.eval_size)
+    if config.eval_split == "eval":
+        missing = [t.name for t in tasks if not t.eval]
+        if missing:
+            files = ", ".join(str(root / n / "eval.json") for n in missing)
+            raise DataError(
+                f"--eval-split eval scores the validation split, but {files} is missing; add eval.json "
+                "to those task folders or use --eval-split test"
+            )
+    return tasks
 
 
 def prepare_out(out: Path, config: RunConfig, force: bool) -> None:
@@ -86,8 +98,16 @@ def prepare_out(out: Path, config: RunConfig, force: bool) -> None:
 class Run:
     """One continual-learning run over ``tasks`` into ``out`` (see the module docstring)."""
 
-    def __init__(self, config: RunConfig, out: Path, tasks: list[Task], console: Console | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        out: Path,
+        tasks: list[Task],
+        console: Console | None = None,
+        progress: Progress | None = None,
+    ):
         self.config, self.out, self.tasks = config, out, tasks
+        self.shared_progress = progress  # a caller's live progress display (a study's) to add bars to
         # cpu=True on a machine without CUDA: that is what makes `accelerate launch` start gloo
         # data parallelism over CPU processes instead of one independent run per process.
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -119,23 +139,35 @@ class Run:
             ]
             atomic_write_text(path, "".join(line + "\n" for line in keep))
 
+    def progress(self) -> contextlib.AbstractContextManager[Progress]:
+        """The caller's live progress display if one was handed in (rich allows one at a time), else
+        a transient one of our own."""
+        if self.shared_progress is not None:
+            return contextlib.nullcontext(self.shared_progress)
+        columns = (TextColumn("{task.description:<36}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        return Progress(*columns, console=self.console, disable=not self.main, transient=True)
+
     # -- evaluation ---------------------------------------------------------------------------
 
     def evaluate(
-        self, model: torch.nn.Module, tokenizer, task: Task, progress: Progress | None, label: str
+        self, model: torch.nn.Module, tokenizer, task: Task, progress: Progress | None, label: str, plain: bool = False
     ) -> tuple[float, list[dict]]:
-        """Score on ``task``'s test set; the examples are split across processes."""
-        acc = self.accelerator
+        """Score on ``task``'s scored split (``eval_split``); the examples are split across processes.
+        ``plain``: the prompts as they are (the base model's zero-shot floor), not the method's."""
+        acc, method = self.accelerator, self.method
+        prompts_for = (lambda task, prompts, tok: prompts) if plain else method.eval_prompts
+        prompt_tokens = self.config.max_prompt_tokens if plain else method.prompt_tokens()
         progress = progress or Progress(disable=True)
-        bar = progress.add_task(f"eval {task.name} {label}", total=len(task.test))
-        with acc.split_between_processes(list(range(len(task.test)))) as part:
-            examples = [task.test[i] for i in part]
+        split = task.split(self.config.eval_split)
+        bar = progress.add_task(f"eval {task.name} {label}", total=len(split))
+        with acc.split_between_processes(list(range(len(split)))) as part:
+            examples = [split[i] for i in part]
             raw = generate(
                 model,
                 tokenizer,
-                self.method.eval_prompts(task, [e.prompt for e in examples], tokenizer),
-                self.config.max_new_tokens or max_new_tokens_for(task, tokenizer, self.config.max_answer_tokens),
-                self.method.prompt_tokens(),
+                prompts_for(task, [e.prompt for e in examples], tokenizer),
+                self.max_new_tokens(task, tokenizer),
+                prompt_tokens,
                 self.config.eval_batch_size,
                 lambda n: progress.advance(bar, n * acc.num_processes),
             )
@@ -143,6 +175,35 @@ class Run:
         preds = gather(acc, local)
         progress.remove_task(bar)
         return sum(p["score"] for p in preds) / len(preds), preds
+
+    def max_new_tokens(self, task: Task, tokenizer) -> int:
+        return self.config.max_new_tokens or max_new_tokens_for(task, tokenizer, self.config.max_answer_tokens)
+
+    def floors(self, base: torch.nn.Module, tokenizer) -> dict[str, dict[str, float]]:
+        """Each task's majority-class and zero-shot (untouched base model, plain prompts) scores on
+        the scored split; zero-shot scores come from the cache when this model saw these items."""
+        cfg = self.config
+        cache = ZeroShotCache(cache_dir() / "floors")
+        keys, floors = {}, {}
+        for task in self.tasks:
+            split = task.split(cfg.eval_split)
+            settings = {
+                "max_new_tokens": self.max_new_tokens(task, tokenizer),
+                "max_prompt_tokens": cfg.max_prompt_tokens,
+            }
+            keys[task.name] = zero_shot_key(cfg.model, task, split, settings)
+            floors[task.name] = {"majority": majority_score(task, split), "zero_shot": cache.get(keys[task.name])}
+        missing = [t for t in self.tasks if floors[t.name]["zero_shot"] is None]
+        if missing:
+            base.to(self.accelerator.device)
+            with self.progress() as progress:
+                for task in missing:
+                    value, _ = self.evaluate(base, tokenizer, task, progress, "zero-shot floor", plain=True)
+                    floors[task.name]["zero_shot"] = value
+                    if self.main:
+                        n = len(task.split(cfg.eval_split))
+                        cache.put(keys[task.name], cfg.model, task.name, value, n)
+        return floors
 
     def evaluate_row(self, model, tokenizer, upto: int, progress: Progress, label: str) -> list[float | None]:
         last = len(self.tasks) - 1 if self.config.eval_all_tasks else upto
@@ -157,11 +218,11 @@ class Run:
 
     @torch.no_grad()
     def router_allocation(self, model, tokenizer) -> list[list[float]] | None:
-        """Mean gate per (task, expert) over each test set's prompt tokens; ``None`` without a router."""
+        """Mean gate per (task, expert) over each scored split's prompt tokens; ``None`` without a router."""
         rows = []
         for task in self.tasks:
             sums = None
-            prompts = [e.prompt for e in task.test]
+            prompts = [e.prompt for e in task.split(self.config.eval_split)]
             for batch in prompt_batches(
                 tokenizer, prompts, self.config.max_prompt_tokens, self.config.eval_batch_size, self.accelerator.device
             ):
@@ -169,7 +230,7 @@ class Run:
                 if means is None:
                     return None
                 sums = means.sum(0) if sums is None else sums + means.sum(0)
-            rows.append([round(float(x), 6) for x in sums / len(task.test)])
+            rows.append([round(float(x), 6) for x in sums / len(prompts)])
         return rows
 
     # -- the run --------------------------------------------------------------------------------
@@ -181,6 +242,8 @@ class Run:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out / "config.json", cfg.to_dict())
         base, tokenizer = load_model(cfg.model, seed=cfg.seed)
+        if self.state.get("floors") is None:  # before any adapter touches the base model
+            self.state["floors"] = self.floors(base, tokenizer)
         seed_everything(cfg.seed, -1)  # adapters' initial values (overwritten again when resuming)
         done = self.state["completed"]
         if done:
@@ -193,13 +256,7 @@ class Run:
         self._trim_log()
         model.to(acc.device)
         collator = Collator(tokenizer, cfg.max_prompt_tokens, cfg.max_answer_tokens)
-        columns = (
-            TextColumn("{task.description:<36}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=self.console, disable=not self.main, transient=True) as progress:
+        with self.progress() as progress:
             if cfg.eval_all_tasks and self.state["zero_shot"] is None:
                 self.state["zero_shot"] = self.evaluate_row(
                     model, tokenizer, len(self.tasks) - 1, progress, "zero-shot"
@@ -270,6 +327,8 @@ class Run:
             "FWT": None if joint else forward_transfer(R, self.state["zero_shot"]),
             "bwt_convention": cfg.bwt_convention,
             "zero_shot": self.state["zero_shot"],
+            "eval_split": cfg.eval_split,
+            "floors": self.state["floors"],
             "router_allocation": self.router_allocation(model, tokenizer),
             **self.method.report(self, model, tokenizer),
             "seed": cfg.seed,
@@ -306,8 +365,15 @@ def r_table(tasks: list[Task], R: list[list[float | None]], title: str, phases: 
     return table
 
 
-def run(config: RunConfig, out: Path, force: bool = False, console: Console | None = None) -> dict[str, Any]:
-    """Validate the data, check the run folder, then train and evaluate over the whole stream."""
+def run(
+    config: RunConfig,
+    out: Path,
+    force: bool = False,
+    console: Console | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Validate the data, check the run folder, then train and evaluate over the whole stream.
+    ``progress``: a live display to add this run's bars to (a study's)."""
     tasks = load_tasks(config)  # every file is validated before anything is created or trained
     prepare_out(out, config, force)
-    return Run(config, out, tasks, console).execute()
+    return Run(config, out, tasks, console, progress).execute()
