@@ -20,13 +20,13 @@ def _mc(n, options=("yes", "no")):
 def _fake_sources() -> dict:
     text = {"examples": [{"input": f"Article {i}. It is long.", "target": [f"Summary {i}. More."]} for i in range(12)]}
     data = {name: _mc(12, ("a", "b", "c", "d")) for name in mini_trace.SOURCES}
-    data["implicatures/task.json"] = _mc(12)
+    data["intent_recognition/task.json"] = _mc(12, ("add_to_playlist", "get_weather", "play_music"))
     data["gem/xsum/task.json"] = data["gem/mlsum_de/task.json"] = text
     for op in ("addition", "subtraction", "multiplication"):
         data[f"arithmetic/2_digit_{op}/task.json"] = {
             "examples": [{"input": f"What is {i} plus 1?", "target": str(i + 1)} for i in range(4)]
         }
-    data["multiemo/all_sentence_en/task.json"] = _mc(2500, ("positive", "negative", "neutral", "ambivalent"))
+    data["multiemo/all_text_en/task.json"] = _mc(2500, ("positive", "negative", "neutral", "ambivalent"))
     return data
 
 
@@ -45,7 +45,7 @@ def test_tasks_follow_trace_order_and_answer_with_letters(tmp_path):
     tasks = mini_trace.build_tasks(_fake_sources(), seed=0)
     assert [t.name for t in tasks] == [
         "multiemo-en",
-        "implicatures",
+        "intent",
         "xsum",
         "stdlib-py",
         "physics",

@@ -187,7 +187,8 @@ def show_command(args: argparse.Namespace, console: Console) -> int:
     results = json.loads(path.read_text())
     tasks = [Task(n, results["metrics"][n], [], []) for n in results["tasks"]]
     console.print(f"{results['method']} on {results['model']}, {results['benchmark']}, seed {results['seed']}")
-    console.print(r_table(tasks, results["R"], "R (score on task, after training task)", results.get("phases")))
+    title = f"R (score on task, after training task; {results.get('eval_split', 'test')} split)"
+    console.print(r_table(tasks, results["R"], title, results.get("phases"), results.get("floors")))
     if results.get("router_allocation"):
         console.print("router allocation (task x expert): ")
         for name, row in zip(results["tasks"], results["router_allocation"], strict=True):

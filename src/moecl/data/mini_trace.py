@@ -8,8 +8,8 @@ The build is deterministic (seeded samples and option orders).
 
 | TRACE task (metric)     | mini-trace   | source (BIG-bench unless said)                          |
 |-------------------------|--------------|---------------------------------------------------------|
-| C-STANCE (accuracy)     | multiemo-en  | multiemo/all_sentence_en, sentiment, 4 fixed letters    |
-| FOMC (accuracy)         | implicatures | implicatures: reply means yes or no, 2 fixed letters    |
+| C-STANCE (accuracy)     | multiemo-en  | multiemo/all_text_en, review sentiment, 4 fixed letters |
+| FOMC (accuracy)         | intent       | intent_recognition: an utterance's intent, 7 fixed letters |
 | MeetingBank (ROUGE-L)   | xsum         | gem/xsum, one-sentence summary, article cut at 700 chars |
 | Py150 (edit similarity) | stdlib-py    | next line of this Python's standard library, 8 lines in |
 | ScienceQA (first char)  | physics      | physics: the formula that answers the question, letters |
@@ -45,10 +45,11 @@ VERSION = 2
 so an older build is never read as the current one. v2: a validation split, larger test sets."""
 TRAIN, EVAL, TEST = 500, 200, 200
 """Per-task caps; a smaller source gives a quarter of its pool to each of test and eval (physics:
-229 items -> 57 / 57 / 115, implicatures: 492 -> 123 / 123 / 246)."""
-DEFAULT_TASKS = ["multiemo-en", "implicatures", "physics", "arithmetic"]
-"""What ``moecl run`` takes when no tasks are named (``--tasks all`` takes the 8): the four tasks
-SmolLM2-135M learns within minutes on two CPU cores, three of them answering with letters."""
+229 items -> 57 / 57 / 115; intent: 693 -> 173 / 173 / 347)."""
+DEFAULT_TASKS = ["multiemo-en", "intent", "arithmetic"]
+"""What ``moecl run`` takes when no tasks are named (``--tasks all`` takes the 8): the tasks
+SmolLM2-135M learns within minutes on two CPU cores, chosen on the validation split (README): two
+answer with letters that mean different classes (so they interfere), one with a number."""
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -111,25 +112,27 @@ def split_pool(examples: list[Example], rng: random.Random) -> tuple[list[Exampl
     return examples[n_test + n_eval :][:TRAIN], held, test
 
 
-def multiple_choice(task: dict, instruction: str, rng: random.Random, fixed: bool = False) -> list[Example]:
+def multiple_choice(
+    task: dict, instruction: str, rng: random.Random, fixed: bool = False, max_chars: int | None = None
+) -> list[Example]:
     """Options labelled (A), (B), ...; the answer is the correct letter.
 
     ``fixed``: a classification task whose classes keep one order (sorted), so a letter always
     means the same class, as in TRACE's C-STANCE and FOMC; otherwise options are in a seeded
-    random order, as in a multiple-choice exam.
+    random order, as in a multiple-choice exam. ``max_chars``: the input is cut at the last word
+    boundary before this many characters (long reviews).
     """
     out = []
     for ex in task["examples"]:
+        text = ex["input"].strip()
+        if max_chars is not None and len(text) > max_chars:
+            text = " ".join(text.split())[:max_chars].rsplit(" ", 1)[0] + " ..."
         options = sorted(ex["target_scores"]) if fixed else list(ex["target_scores"])
         if not fixed:
             rng.shuffle(options)
         best = max(options, key=lambda o: ex["target_scores"][o])
         listed = "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
-        out.append(
-            Example(
-                f"{instruction}\n{ex['input'].strip()}\nOptions:\n{listed}\nAnswer:", f" {LETTERS[options.index(best)]}"
-            )
-        )
+        out.append(Example(f"{instruction}\n{text}\nOptions:\n{listed}\nAnswer:", f" {LETTERS[options.index(best)]}"))
     return out
 
 
@@ -182,16 +185,16 @@ def build_tasks(data: dict[str, dict], seed: int) -> list[Task]:
             "multiemo-en",
             "accuracy",
             lambda: multiple_choice(
-                data["multiemo/all_sentence_en/task.json"], sentiment, rng("multiemo-en"), fixed=True
+                data["multiemo/all_text_en/task.json"], sentiment, rng("multiemo-en"), fixed=True, max_chars=400
             ),
         ),
         (
-            "implicatures",
+            "intent",
             "accuracy",
             lambda: multiple_choice(
-                data["implicatures/task.json"],
-                "Does Speaker 2's answer mean yes or no?",
-                rng("implicatures"),
+                data["intent_recognition/task.json"],
+                "What does the user want to do?",
+                rng("intent"),
                 fixed=True,
             ),
         ),
@@ -236,7 +239,7 @@ def build_tasks(data: dict[str, dict], seed: int) -> list[Task]:
     tasks = []
     for name, metric, make in makers:
         examples = make()
-        if name == "multiemo-en":  # 57k sentences: sample before splitting
+        if name == "multiemo-en":  # 8k reviews: sample before splitting
             examples = rng("pool").sample(examples, 2000)
         train, held, test = split_pool(examples, rng(f"split:{name}"))
         tasks.append(Task(name, metric, train, test, held))
@@ -244,8 +247,8 @@ def build_tasks(data: dict[str, dict], seed: int) -> list[Task]:
 
 
 SOURCES = {
-    "multiemo/all_sentence_en/task.json",
-    "implicatures/task.json",
+    "multiemo/all_text_en/task.json",
+    "intent_recognition/task.json",
     "gem/xsum/task.json",
     "physics/task.json",
     "elementary_math_qa/question_only/task.json",

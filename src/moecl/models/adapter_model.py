@@ -41,7 +41,8 @@ class AdapterModel(nn.Module):
 
     Args:
         base_model: a Hugging Face decoder-only causal LM (``AutoModelForCausalLM``).
-        target_modules: projections to adapt in every block (``None``: the family's q and v).
+        target_modules: projections to adapt in every block (``None``: the family's q and v;
+            ``["all-linear"]``: every linear layer of the blocks, saved as their names).
 
     A subclass names its saved ``FORMAT``, its ``CONFIG`` dataclass with the JSON key it is saved
     under (``CONFIG_KEY``), and the meta key counting its grown tasks (``TASKS_KEY``), and
@@ -64,7 +65,10 @@ class AdapterModel(nn.Module):
         # time (as `blocks.*` beside `base_model.*`) and double the model's state_dict.
         self.blocks = tuple(decoder_blocks(base_model))
         self.num_blocks = len(self.blocks)
-        self.target_modules = list(target_modules or default_target_modules(base_model))
+        targets = list(target_modules or default_target_modules(base_model))
+        if targets == ["all-linear"]:  # PEFT's spelling: every linear layer of the decoder blocks
+            targets = sorted({p.rpartition(".")[2] for block in self.blocks for p in _linear_paths(block)})
+        self.target_modules = targets
         self._check_targets()
         self._forward_params = set(inspect.signature(base_model.forward).parameters)
 

@@ -54,9 +54,10 @@ def benchmark_root(config: RunConfig) -> Path:
     if config.data_dir:
         raise ValueError(f"--data-dir is for --benchmark trace; {config.benchmark!r} is built by moecl")
     if config.benchmark == "smoke":
+        from moecl.data.smoke import VERSION as SMOKE_VERSION
         from moecl.data.smoke import build_smoke
 
-        root = cache_dir() / "data" / "smoke"
+        root = cache_dir() / "data" / f"smoke-v{SMOKE_VERSION}"
         return root if (root / "moecl_tasks.json").is_file() else build_smoke(root)
     from moecl.data.mini_trace import VERSION, build_mini_trace
 
@@ -296,7 +297,8 @@ class Run:
                     self.method.save(model, out / "checkpoints" / f"task-{t}")
                     atomic_write_json(out / "replay.json", memory.to_json())
                     atomic_write_json(out / "state.json", self.state)  # last: marks task t complete
-                    self.console.print(r_table(self.tasks, self.state["R"], f"R after phase {t + 1}", phases))
+                    title = f"R after phase {t + 1} ({cfg.eval_split} split)"
+                    self.console.print(r_table(self.tasks, self.state["R"], title, phases, self.state["floors"]))
                 acc.wait_for_everyone()
         results = self.results(model, tokenizer, time.perf_counter() - start)
         if self.main:
@@ -348,9 +350,15 @@ def gather(accelerator: Accelerator, items: list) -> list:
     return gather_object(items)
 
 
-def r_table(tasks: list[Task], R: list[list[float | None]], title: str, phases: list[list[int]] | None = None) -> Table:
+def r_table(
+    tasks: list[Task],
+    R: list[list[float | None]],
+    title: str,
+    phases: list[list[int]] | None = None,
+    floors: dict[str, dict[str, float | None]] | None = None,
+) -> Table:
     """The R matrix so far as a rich table: rows = after task t (or phase), columns = tasks, then OP
-    over the tasks trained so far."""
+    over the tasks trained so far; ``floors`` adds the majority-class and zero-shot rows below."""
     table = Table(title=title, show_lines=False)
     table.add_column("after \\ on")
     for task in tasks:
@@ -362,6 +370,12 @@ def r_table(tasks: list[Task], R: list[list[float | None]], title: str, phases: 
         seen = [v for v in row[: phases[t][-1] + 1] if v is not None]
         label = f"{t + 1}. {tasks[phases[t][0]].name}" if len(phases[t]) == 1 else f"{t + 1}. all tasks jointly"
         table.add_row(label, *cells, f"{sum(seen) / len(seen):.1f}")
+    for kind, label in (("majority", "floor: majority"), ("zero_shot", "floor: zero-shot")):
+        values = [(floors or {}).get(t.name, {}).get(kind) for t in tasks]
+        if floors and all(v is not None for v in values):
+            table.add_row(
+                f"[dim]{label}[/]", *(f"[dim]{v:.1f}[/]" for v in values), f"[dim]{sum(values) / len(values):.1f}[/]"
+            )
     return table
 
 
