@@ -216,6 +216,23 @@ def test_user_target_modules_override_family_default():
     assert wrapped == {"q_proj", "down_proj"}
 
 
+def test_all_linear_adapts_every_linear_layer_of_the_blocks_and_saves_their_names(family, tmp_path):
+    from moecl.models.adapter_model import _linear_paths
+    from moecl.models.architectures import decoder_blocks
+    from moecl.training.config import RunConfig
+
+    paths = _linear_paths(decoder_blocks(build_tiny(family))[0])  # GPT-2 has c_proj twice: in attn and mlp
+    leaves = {p.rpartition(".")[2] for p in paths}
+    pmoe = PMoEModel(build_tiny(family), PMoEConfig(tau=2, target_modules=["all-linear"]))
+    wrapped = {n for n, m in pmoe.named_modules() if isinstance(m, (LoRALinear, LoRAExpertBank))}
+    assert set(pmoe.target_modules) == leaves == {n.rsplit(".", 1)[1] for n in wrapped}
+    assert len(wrapped) == 4 * len(paths) > 4 * 2  # more than q and v in each of the 4 blocks
+    pmoe.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["target_modules"] == pmoe.target_modules != ["all-linear"]
+    assert RunConfig().target_modules == ["all-linear"] and RunConfig(method="moses").target_modules is None
+
+
 def test_non_decoder_models_are_refused():
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8))
     with pytest.raises(ValueError, match="encoder-decoder"):

@@ -20,13 +20,16 @@ from moecl.training.config import PRESETS, RunConfig, config_from_options, conve
 
 RUN_DESCRIPTION = """\
 Train a method over a stream of tasks, evaluating after every task, and write the run folder
-(config.json, results.json with the R matrix, OP, BWT, FWT and router allocation,
-predictions/, checkpoints/, log.jsonl). Re-running the same command resumes after the last
-completed task. With no options: PMoE on SmolLM2-135M-Instruct over mini-trace.
+(config.json, results.json with the R matrix, OP, BWT, FWT, the floors (majority class and
+base-model zero-shot) and router allocation, predictions/, checkpoints/, log.jsonl). Re-running
+the same command resumes after the last completed task. With no options: PMoE on
+SmolLM2-135M-Instruct over mini-trace's default stream (multiemo-en, intent, arithmetic), scored
+on the test split; every default was chosen on the validation split (--eval-split eval).
 
 examples:
   moecl run                                   # the default job
-  moecl run --preset smoke --out runs/smoke   # ~15 s, tiny random model, generated stream
+  moecl run --preset smoke --out runs/smoke   # ~20 s, tiny random model, generated stream
+  moecl run --eval-split eval --out runs/val  # score the validation split (choose settings there)
   moecl run --method seq-lora --replay 0.01     # a baseline: sequential LoRA with replay (LoRA-RE)
   moecl run --method moses --task-id inferred   # MoSEs, task inferred from the prompt (TaIL)
   moecl run --seeds 0,1,2 --out runs/pmoe       # one folder per seed + seeds.json (mean, sd)
