@@ -77,7 +77,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     names = {f.name for f in fields(RunConfig)}
-    values: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
+    values: dict[str, Any] = {"preset": args.preset} if args.preset else {}  # expanded first, lowest
     if args.config:
         try:
             loaded = yaml.safe_load(args.config.read_text()) or {}

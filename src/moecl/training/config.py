@@ -37,7 +37,7 @@ class RunConfig:
     tasks: list[str] | None = _opt(
         None,
         "comma-separated task names selecting and ordering the stream, or all; by default the stream's own "
-        "default selection (mini-trace: 4 of its 8 tasks, see the README)",
+        "default selection (mini-trace: multiemo-en, intent, arithmetic of its 8, see the README)",
     )
     train_size: int | None = _opt(320, "cap on training examples per task (seeded sample); null: all")
     test_size: int | None = _opt(200, "cap on test examples per task (seeded sample); null: all")
@@ -162,7 +162,7 @@ def config_from_options(values: dict[str, Any]) -> RunConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Seed 002's "TRACE 0.5K": 500 training examples per task (mini-trace holds 300 per task).
+    # Seed 002's "TRACE 0.5K": 500 training examples per task (mini-trace holds up to 500 per task).
     "0.5k": dict(method="moses", train_size=500),
     # A tiny random model learns the smoke stream with every projection adapted and 30 epochs; a
     # quarter of each past task replayed keeps it (measured: OP 82.9, BWT -1.0; 10 epochs at lr 1e-2
