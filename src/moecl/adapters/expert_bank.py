@@ -66,14 +66,22 @@ class LoRAExpertBank(nn.Module):
     def num_frozen(self) -> int:
         return self.frozen_A.shape[0] // self.rank
 
-    def add_expert(self, count: int = 1) -> None:
-        """Freeze the trainable experts (move them to the buffers) and open ``count`` new ones."""
+    def add_expert(self, count: int = 1, copy_from: int | None = None) -> None:
+        """Freeze the trainable experts (move them to the buffers) and open ``count`` new ones:
+        fresh (``B = 0``, an exact no-op) or, with ``copy_from = k``, each a copy of expert ``k``."""
         if self.expert_A is not None:
             self.frozen_A = torch.cat([self.frozen_A, self.expert_A.detach()], dim=0)
             self.frozen_B = torch.cat([self.frozen_B, self.expert_B.detach()], dim=1)
         self.expert_A, self.expert_B = init_lora_pair(
             count * self.rank, self.in_features, self.out_features, self.frozen_A, self.frozen_A.dtype
         )
+        if copy_from is not None:
+            if not 0 <= copy_from < self.num_frozen:
+                raise ValueError(f"expert {copy_from} does not exist to copy: the bank has {self.num_frozen}")
+            rows = slice(copy_from * self.rank, (copy_from + 1) * self.rank)
+            with torch.no_grad():
+                self.expert_A.copy_(self.frozen_A[rows].repeat(count, 1))
+                self.expert_B.copy_(self.frozen_B[:, rows].repeat(1, count))
 
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``A_cat (T*r, in)`` and ``B_cat (out, T*r)``, expert ``k`` in rows/columns ``k*r:(k+1)*r``."""

@@ -1,4 +1,4 @@
-"""PMoE's router (SPEC §1.4): ``G(x) = softmax(h_tau W_g)``, one column per expert.
+"""PMoE's router (SPEC §1.4): ``G(x) = softmax(h_tau W_g + b)``, one column per expert.
 
 The router is computed once per forward pass, at the boundary between the shallow and the deep
 blocks, and the same gate weights every deep expert bank. :class:`GateState` is the one object
@@ -50,20 +50,25 @@ def _broadcasts(gate_shape: torch.Size, token_shape: torch.Size) -> bool:
 
 
 class Router(nn.Module):
-    """Linear softmax router over a growing set of experts (no bias, as in the paper's Eq. 4).
+    """Linear softmax router over a growing set of experts.
 
     Args:
         hidden_size: width of ``h_tau``.
-        device: where the weight lives.
+        device: where the weights live.
         normalize: divide ``h_tau`` by its root mean square before the linear layer. The residual
             stream of a deep block can have norms in the hundreds, so a router weight of norm 0.5
             already saturates the softmax: measured on SmolLM2-135M, the first trained column
             took 98% of every task's gate and experts added later got 0.00, i.e. never trained.
             ``False`` is the paper's literal ``softmax(h_tau W_g)``.
 
-    The weight ``(num_experts, hidden)`` is kept in float32 whatever the model's dtype: it is
-    tiny and a softmax over half-precision logits loses the small gate differences training
-    relies on.
+    Tensors: ``weight (n_train, hidden)``, the columns that train (all of them, or only the
+    newest when old columns are frozen); ``frozen (n_frozen, hidden)``, frozen columns, a buffer
+    no optimizer sees; ``bias (num_experts,)``, fixed logit offsets set when an expert is added
+    (zero unless growth copies an expert or gives it a set share; all zero is the paper's
+    bias-free Eq. 4). Expert ``k``'s column is row ``k`` of ``cat([frozen, weight])``.
+
+    Everything is kept in float32 whatever the model's dtype: it is tiny and a softmax over
+    half-precision logits loses the small gate differences training relies on.
     """
 
     def __init__(self, hidden_size: int, device: torch.device | None = None, normalize: bool = True):
@@ -71,27 +76,57 @@ class Router(nn.Module):
         self.hidden_size = hidden_size
         self.normalize = normalize
         self.weight = nn.Parameter(torch.zeros(0, hidden_size, dtype=torch.float32, device=device))
+        self.register_buffer("frozen", torch.zeros(0, hidden_size, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(0, dtype=torch.float32, device=device))
 
     @property
     def num_experts(self) -> int:
-        return self.weight.shape[0]
+        return self.frozen.shape[0] + self.weight.shape[0]
 
-    def add_expert(self) -> None:
-        """Append one output column, initialised at zero.
+    def columns(self) -> torch.Tensor:
+        """Every expert's column, ``(num_experts, hidden)``, expert ``k`` in row ``k``."""
+        return torch.cat([self.frozen, self.weight], dim=0)
+
+    def add_expert(self, column: torch.Tensor | None = None, bias: float = 0.0, freeze_old: bool = False) -> None:
+        """Append one column (``column``, or zero) with logit offset ``bias``.
 
         A zero column gives the new expert the logit an untrained router gives every expert, so
         the new expert starts with a fair share of the gate rather than none or all of it.
+        ``freeze_old`` moves the columns trained so far into the frozen buffer first, so only the
+        new column trains.
         """
         old = self.weight.detach()
+        if freeze_old:
+            self.frozen = torch.cat([self.frozen, old], dim=0)
+            old = old[:0]
         new = torch.zeros(1, self.hidden_size, dtype=old.dtype, device=old.device)
+        if column is not None:
+            new.copy_(column.detach().reshape(1, -1))
         self.weight = nn.Parameter(torch.cat([old, new], dim=0))
+        self.bias = torch.cat([self.bias, self.bias.new_tensor([bias])])
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden (batch, seq, hidden)`` -> gate ``(batch, seq, num_experts)``, rows sum to 1."""
+    @torch.no_grad()
+    def align_newest(self) -> None:
+        """Rescale the newest column to the mean norm of the older non-zero columns (PyCIL's weight
+        aligning: under a small replay memory the newest column grows larger than the old ones
+        and takes every input). A no-op while no older column is non-zero."""
+        cols = self.columns()
+        old = cols[:-1].norm(dim=1)
+        old = old[old > 0]
+        newest = cols[-1].norm()
+        if len(old) and newest > 0:
+            self.weight[-1].mul_(old.mean() / newest)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden (batch, seq, hidden)`` -> logits ``(batch, seq, num_experts)``."""
         hidden = hidden.to(self.weight.dtype)
         if self.normalize:
             hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return F.softmax(F.linear(hidden, self.weight), dim=-1)
+        return F.linear(hidden, self.columns(), self.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden (batch, seq, hidden)`` -> gate ``(batch, seq, num_experts)``, rows sum to 1."""
+        return F.softmax(self.logits(hidden), dim=-1)
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden_size}, experts={self.num_experts}, normalize={self.normalize}"

@@ -176,7 +176,7 @@ def compare_command(args: argparse.Namespace, console: Console) -> int:
 
 def show_command(args: argparse.Namespace, console: Console) -> int:
     from moecl.data.trace import Task
-    from moecl.training.run import r_table
+    from moecl.training.run import allocation_table, r_table
 
     path = args.run_dir / "results.json"
     if not path.is_file():
@@ -192,7 +192,15 @@ def show_command(args: argparse.Namespace, console: Console) -> int:
     console.print(f"{results['method']} on {results['model']}, {results['benchmark']}, seed {results['seed']}")
     title = f"R (score on task, after training task; {results.get('eval_split', 'test')} split)"
     console.print(r_table(tasks, results["R"], title, results.get("phases"), results.get("floors")))
-    if results.get("router_allocation"):
+    if results.get("router_allocation_phases"):
+        for t, matrix in enumerate(results["router_allocation_phases"]):
+            allocation = {
+                "matrix": matrix,
+                "entropy": results["router_entropy_phases"][t],
+                "diagonal_mass": results["diagonal_mass_phases"][t],
+            }
+            console.print(allocation_table(tasks, allocation, f"router allocation after phase {t + 1}"))
+    elif results.get("router_allocation"):  # runs made before per-phase allocation
         console.print("router allocation (task x expert): ")
         for name, row in zip(results["tasks"], results["router_allocation"], strict=True):
             console.print(f"  {name:<16} " + " ".join(f"{x:.2f}" for x in row))

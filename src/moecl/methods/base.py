@@ -41,11 +41,16 @@ class Method:
         """The model to train and evaluate, built around a fresh base model."""
         return base_model
 
-    def before_task(self, model: nn.Module, task_index: int) -> None:
-        """Called before training task ``task_index`` (0-based; the single phase 0 if ``joint``)."""
+    def before_task(self, model: nn.Module, task_index: int, examples: list[Example], collator: Collator) -> None:
+        """Called before training task ``task_index`` (0-based; the single phase 0 if ``joint``) on
+        ``examples`` (its own training data, no replay), also when a run resumes at that task."""
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
+
+    def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: one on ``lr`` unless a method sets its own rates."""
+        return [{"params": self.trainable_parameters(model)}]
 
     def parameter_counts(self, model: nn.Module) -> tuple[int, int]:
         """``(trainable, total)`` element counts as reported in ``results.json``."""
@@ -59,6 +64,10 @@ class Method:
         """Training loss of one batch: the answer-token LM loss plus the method's own terms.
         ``model`` is unwrapped (no DDP) and has just run the batch's forward."""
         return lm_loss
+
+    def step_log(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The method's own entries of a training step's ``log.jsonl`` line (after ``loss``)."""
+        return {}
 
     def after_task(self, model: nn.Module, task_index: int, examples: list[Example], collator: Collator) -> None:
         """Called after training task ``task_index`` on ``examples`` (its own training data, no
@@ -86,9 +95,9 @@ class Method:
         return {}
 
     @torch.no_grad()
-    def gate_means(
+    def router_gates(
         self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor | None:
-        """Mean routing probability per example over its tokens, ``(batch, experts)``; ``None``
-        for methods without a router."""
+        """The router's gate per token, ``(batch, seq, experts)``, expert ``k`` trained on task
+        ``k``; ``None`` for methods without a router."""
         return None

@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from moecl.adapters.expert_bank import LoRAExpertBank
+from moecl.data.trace import Example
 from moecl.methods.pmoe import PMoEMethod
 from moecl.models.pmoe import PMoEModel
 from moecl.models.pmoe_config import PMoEConfig
+from moecl.training.batches import Collator
 
 
 class _FixedGateMethod(PMoEMethod):
@@ -32,14 +34,10 @@ class _FixedGateMethod(PMoEMethod):
     gate = "sum"
 
     def adapter_config(self) -> PMoEConfig:
-        return replace(super().adapter_config(), tau=self.tau, gate=self.gate)
+        return replace(super().adapter_config(), tau=self.tau)
 
     def loss(self, model: PMoEModel, batch: dict[str, torch.Tensor], lm_loss: torch.Tensor) -> torch.Tensor:
         return lm_loss
-
-    @torch.no_grad()
-    def gate_means(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        return None
 
 
 class SeqLoRAMethod(_FixedGateMethod):
@@ -48,7 +46,7 @@ class SeqLoRAMethod(_FixedGateMethod):
     name = "seq-lora"
     tau = 1.0
 
-    def before_task(self, model: PMoEModel, task_index: int) -> None:
+    def before_task(self, model: PMoEModel, task_index: int, examples: list[Example], collator: Collator) -> None:
         """The one adapter exists from ``wrap`` on and keeps training."""
 
 
@@ -98,8 +96,8 @@ class PerTaskLoRAMethod(_FixedGateMethod):
     name = "per-task-lora"
     gate = "task"
 
-    def before_task(self, model: PMoEModel, task_index: int) -> None:
-        super().before_task(model, task_index)
+    def before_task(self, model: PMoEModel, task_index: int, examples: list[Example], collator: Collator) -> None:
+        super().before_task(model, task_index, examples, collator)
         model.active_task = task_index
 
     def before_eval(self, model: PMoEModel, task_index: int) -> None:

@@ -40,7 +40,7 @@ class MoSEsMethod(Method):
             ),
         )
 
-    def before_task(self, model: MoSEsModel, task_index: int) -> None:
+    def before_task(self, model: MoSEsModel, task_index: int, examples: list[Example], collator: Collator) -> None:
         while model.num_tasks <= task_index:  # idempotent on resume
             model.add_task()
         model.infer_tasks = False

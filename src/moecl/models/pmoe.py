@@ -16,6 +16,7 @@ tokens it processes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,6 +58,7 @@ class PMoEModel(AdapterModel):
         self.gate = GateState()
         self._num_experts = 0
         self._active_task = 0
+        self._keep_hidden, self._hidden_tau = False, None  # h_tau of a probe (see add_task)
         self.router: Router | None = (
             Router(
                 hidden_size(base_model),
@@ -118,6 +120,7 @@ class PMoEModel(AdapterModel):
 
     def _set_gate(self, hidden: torch.Tensor) -> None:
         self.gate.probs = self.router(hidden) if self.num_experts else None
+        self._hidden_tau = hidden if self._keep_hidden else None
 
     def _set_fixed_gate(self) -> None:
         """``(1, 1, experts)`` weights broadcast over every token: all ones, or one-hot of the task."""
@@ -133,20 +136,67 @@ class PMoEModel(AdapterModel):
 
     # -- growth and training -----------------------------------------------------------------
 
-    def add_task(self) -> int:
-        """Open expert ``t`` in every deep bank and router column ``t``; freeze expert ``t-1``.
-        With the ``"task"`` gate the active task stays where it was (set :attr:`active_task`).
+    def add_task(self, probe: dict[str, torch.Tensor] | None = None) -> int:
+        """Open expert ``t`` in every deep bank and router column ``t``; freeze expert ``t-1``
+        (and, with ``freeze_router``, the old router columns). With the ``"task"`` gate the
+        active task stays where it was (set :attr:`active_task`).
+
+        Args:
+            probe: a batch of the new task's prompts (``input_ids``, ``attention_mask``). Copy and
+                share growth (``expert_init``/``router_init``) measure on it which expert the
+                router already sends the task to and its logits; without it they take the
+                newest expert and an untrained router's logits.
 
         Returns:
             ``t``, the 0-based index of the new expert (its router column).
         """
+        cfg, router = self.config, self.router
+        grows_from_data = cfg.expert_init == "copy" or cfg.router_init != "zero"
+        source, log_z = self.num_experts - 1, None
+        if router is not None and self.num_experts and grows_from_data:
+            source, log_z = self._probe(probe)
+        copy_expert = source if cfg.expert_init == "copy" and self.num_experts else None
         for bank in self.deep_banks():
-            bank.add_expert()
-        if self.router is not None:
-            self.router.add_expert()
+            bank.add_expert(copy_from=copy_expert)
+        if router is not None:
+            column, bias = None, 0.0
+            if self.num_experts and cfg.router_init == "copy":
+                column = router.columns()[source].clone()
+                if copy_expert is not None:  # the two halves of the old gate: output unchanged
+                    router.bias[source] -= math.log(2.0)
+                bias = float(router.bias[source])
+            elif self.num_experts and cfg.router_init == "share":
+                share = cfg.router_share
+                bias = math.log(share / (1.0 - share)) + log_z
+            router.add_expert(column, bias, freeze_old=cfg.freeze_router)
         self._num_experts += 1
         self._set_fixed_gate()
         return self.num_experts - 1
+
+    @torch.no_grad()
+    def _probe(self, probe: dict[str, torch.Tensor] | None) -> tuple[int, float]:
+        """The most-used expert on ``probe``'s tokens and the mean log-partition of the router's
+        logits there (the offset a new expert's logit needs for a given share)."""
+        if probe is None:
+            return self.num_experts - 1, float(torch.logsumexp(self.router.bias, 0))
+        mask = probe["attention_mask"].bool()
+        self._keep_hidden = True
+        try:
+            self.forward(**probe, use_cache=False, **self._skip_logits())
+            logits = self.router.logits(self._hidden_tau)[mask]  # (tokens, experts)
+        finally:
+            self._keep_hidden, self._hidden_tau = False, None
+        source = int(logits.softmax(-1).mean(0).argmax())
+        return source, float(torch.logsumexp(logits, -1).mean())
+
+    def end_task(self) -> None:
+        """Called once the current task has trained: align the newest router column if asked."""
+        if self.router is not None and self.config.router_align:
+            self.router.align_newest()
+
+    def _skip_logits(self) -> dict[str, int]:
+        """Only the gate is wanted: skip the vocabulary projection of every position we can."""
+        return {"logits_to_keep": 1} if "logits_to_keep" in self._forward_params else {}
 
     # -- forward, routing probabilities, generation -------------------------------------------
 
@@ -157,9 +207,7 @@ class PMoEModel(AdapterModel):
             raise ValueError(f"this model has the fixed {self.config.gate!r} gate, no router")
         if not self.num_experts:
             raise ValueError("the model has no experts yet; call add_task() first")
-        # Only the gate is wanted: skip the vocabulary projection of every position where we can.
-        skip = {"logits_to_keep": 1} if "logits_to_keep" in self._forward_params else {}
-        self.forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **skip)
+        self.forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **self._skip_logits())
         return self.gate.probs.detach().clone()
 
     # -- persistence ---------------------------------------------------------------------------

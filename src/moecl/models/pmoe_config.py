@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 GATES = ("router", "sum", "task")
+EXPERT_INITS = ("zero", "copy")
+ROUTER_INITS = ("zero", "copy", "share")
 
 
 @dataclass
@@ -30,6 +32,23 @@ class PMoEConfig:
             ``"sum"`` weights every expert 1 (O-LoRA: all task adapters summed) and ``"task"``
             weights only the expert of :attr:`PMoEModel.active_task` (one LoRA per task, the
             task id given).
+        expert_init: how a new expert starts. ``"zero"`` (the paper; LoRA's ``B = 0``): an exact
+            no-op until it trains. ``"copy"`` (ours, after MoExtend): a copy of the expert the
+            router sends the new task to most (measured on a probe of its prompts; the newest
+            expert without one). With ``router_init="copy"`` the copied expert and its copy split
+            the old gate in two equal halves, so the model's output is unchanged at growth.
+        router_init: how the new router column starts. ``"zero"`` (the paper): the logit an
+            untrained router gives. ``"copy"`` (MoExtend): the column of the most-used expert
+            (see ``expert_init``). ``"share"`` (ours): a zero column with a logit offset that gives
+            the new expert ``router_share`` of the gate on the probe's tokens on average.
+        router_share: the new expert's gate at growth with ``router_init="share"``.
+        freeze_router: ``True`` (ours, after MoExtend and SAPT): earlier columns are frozen
+            (buffers, untouched by any optimizer) and only the new expert's column trains, so a
+            new task can only win inputs for its expert, not move old tasks between old experts.
+            ``False`` (the paper): every column keeps training.
+        router_align: at the end of each task rescale the newest column to the mean norm of the
+            older non-zero ones (PyCIL's weight aligning, against the newest column taking every
+            input under a small replay memory).
     """
 
     tau: int | float = 0.75
@@ -39,10 +58,18 @@ class PMoEConfig:
     target_modules: list[str] | None = field(default=None)
     router_norm: bool = True
     gate: str = "router"
+    expert_init: str = "zero"
+    router_init: str = "zero"
+    router_share: float = 0.5
+    freeze_router: bool = False
+    router_align: bool = False
 
     def __post_init__(self) -> None:
-        if self.gate not in GATES:
-            raise ValueError(f"gate={self.gate!r} is not one of {', '.join(GATES)}")
+        for name, allowed in (("gate", GATES), ("expert_init", EXPERT_INITS), ("router_init", ROUTER_INITS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not 0.0 < self.router_share < 1.0:
+            raise ValueError(f"router_share is the new expert's gate at growth, in (0, 1); got {self.router_share!r}")
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
             raise ValueError(f"tau must be an int (blocks) or a float fraction in [0, 1], got {self.tau!r}")
         if isinstance(self.tau, float) and not 0.0 <= self.tau <= 1.0:

@@ -39,3 +39,20 @@ def plot_bands(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_allocation_phases(phases: list[list[list[float]]], tasks: list[str], path: str | Path) -> None:
+    """One heat map per phase (seed 001 Fig. 3/4): rows the tasks seen so far, columns the experts,
+    each cell the mean gate, with the value written in it."""
+    fig, axes = plt.subplots(1, len(phases), figsize=(2.6 * len(phases) + 0.8, 2.9), dpi=120, squeeze=False)
+    for t, (ax, matrix) in enumerate(zip(axes[0], phases, strict=True)):
+        values = np.asarray(matrix, dtype=float)
+        image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis")
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+        ax.set_xticks(range(values.shape[1]), [f"E{k + 1}" for k in range(values.shape[1])], fontsize=7)
+        ax.set_yticks(range(values.shape[0]), tasks[: values.shape[0]], fontsize=7)
+        ax.set_title(f"after task {t + 1}", fontsize=8)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="mean gate")
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)

@@ -83,6 +83,30 @@ class RunConfig:
     rank: int = _opt(8, "LoRA rank")
     alpha: float = _opt(16.0, "LoRA alpha (deltas scaled by alpha / rank)")
     router_norm: bool = _opt(True, "PMoE: RMS-normalise the router's input h_tau (off: the paper's literal Eq. 4)")
+    expert_init: str = _opt(
+        "zero",
+        "PMoE: how a new expert starts: zero (the paper: B = 0, a no-op) or copy (of the expert the router sends "
+        "the new task to most; with --router-init copy the model's output is unchanged at growth)",
+        choices=["zero", "copy"],
+    )
+    router_init: str = _opt(
+        "zero",
+        "PMoE: how a new router column starts: zero (the paper), copy (the most-used expert's column) or share "
+        "(a logit offset giving the new expert --router-share of the gate on the new task's prompts)",
+        choices=["zero", "copy", "share"],
+    )
+    router_share: float = _opt(0.5, "PMoE with --router-init share: the new expert's gate at growth")
+    freeze_router: bool = _opt(
+        False, "PMoE: only the new expert's router column trains; earlier columns stay frozen (off: the paper)"
+    )
+    router_align: bool = _opt(
+        False, "PMoE: after each task rescale the newest router column to the older columns' mean norm"
+    )
+    lambda_route_distill: float = _opt(
+        0.0,
+        "PMoE: weight of routing distillation, KL(task's stored mean gate || gate) on replayed examples; 0 = off",
+    )
+    router_lr: float | None = _opt(None, "PMoE: the router's own peak learning rate (default: --lr)")
     lora_dropout: float = _opt(0.0, "dropout on the adapters' input")
     target_modules: list[str] | None = _opt(
         None,

@@ -37,10 +37,12 @@ from moecl.data.trace import DataError, Task, load_benchmark
 from moecl.evaluation.continual import backward_transfer, forward_transfer, overall_performance
 from moecl.evaluation.floors import ZeroShotCache, majority_score, zero_shot_key
 from moecl.evaluation.generation import generate, max_new_tokens_for, prompt_batches, score_predictions
+from moecl.evaluation.routing import Allocation, gate_summary
 from moecl.io import atomic_write_json, atomic_write_text
 from moecl.methods import METHODS
 from moecl.methods.base import Method
 from moecl.models.loading import cache_dir, load_model
+from moecl.reports.plots import plot_allocation_phases
 from moecl.training.batches import Collator
 from moecl.training.config import RunConfig
 from moecl.training.replay import ReplayMemory
@@ -218,21 +220,23 @@ class Run:
         return row
 
     @torch.no_grad()
-    def router_allocation(self, model, tokenizer) -> list[list[float]] | None:
-        """Mean gate per (task, expert) over each scored split's prompt tokens; ``None`` without a router."""
-        rows = []
-        for task in self.tasks:
-            sums = None
+    def router_allocation(self, model, tokenizer, upto: int) -> dict[str, Any] | None:
+        """Where the router sends tasks ``0..upto`` now: the mean gate per (task, expert) over each
+        scored split's prompt tokens, per-token entropy and diagonal mass (see
+        :mod:`moecl.evaluation.routing`); ``None`` without a router."""
+        allocation = Allocation()
+        for task in self.tasks[: upto + 1]:
             prompts = [e.prompt for e in task.split(self.config.eval_split)]
+            summaries = []
             for batch in prompt_batches(
                 tokenizer, prompts, self.config.max_prompt_tokens, self.config.eval_batch_size, self.accelerator.device
             ):
-                means = self.method.gate_means(model, batch["input_ids"], batch["attention_mask"])
-                if means is None:
+                probs = self.method.router_gates(model, batch["input_ids"], batch["attention_mask"])
+                if probs is None:
                     return None
-                sums = means.sum(0) if sums is None else sums + means.sum(0)
-            rows.append([round(float(x), 6) for x in sums / len(prompts)])
-        return rows
+                summaries.append(gate_summary(probs, batch["attention_mask"]))
+            allocation.add_task(summaries)
+        return allocation.to_json()
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -265,7 +269,8 @@ class Run:
             phases = self.phases()
             for t in range(done, len(phases)):
                 seed_everything(cfg.seed, t)
-                self.method.before_task(model, t)
+                own = [e for i in phases[t] for e in self.tasks[i].train]
+                self.method.before_task(model, t, own, collator)
                 items = [(i, e) for i in phases[t] for e in self.tasks[i].train] + memory.items
                 name = "+".join(self.tasks[i].name for i in phases[t])
                 stats = {"steps": 0, "tokens": 0, "last_loss": None, "planned_steps": 0}
@@ -283,12 +288,14 @@ class Run:
                         lambda b=bar: progress.advance(b),
                     )
                     progress.remove_task(bar)
-                own = [e for i in phases[t] for e in self.tasks[i].train]
                 self.method.after_task(model, t, own, collator)
                 for i in phases[t]:
                     memory.add_task(i, self.tasks[i].train)
                 row = self.evaluate_row(model, tokenizer, phases[t][-1], progress, f"after-task-{t}")
                 self.state["R"].append(row)
+                allocation = self.router_allocation(model, tokenizer, phases[t][-1])
+                if allocation is not None:
+                    self.state.setdefault("allocation", []).append(allocation)
                 self.state["train"].append({"task": name, "examples": len(items) if self.method.trains else 0, **stats})
                 self.state["completed"] = t + 1
                 self.state["wall_seconds"] += time.perf_counter() - start
@@ -299,6 +306,14 @@ class Run:
                     atomic_write_json(out / "state.json", self.state)  # last: marks task t complete
                     title = f"R after phase {t + 1} ({cfg.eval_split} split)"
                     self.console.print(r_table(self.tasks, self.state["R"], title, phases, self.state["floors"]))
+                    if allocation is not None:
+                        caption = f"router allocation after phase {t + 1}"
+                        self.console.print(allocation_table(self.tasks, allocation, caption))
+                        plot_allocation_phases(
+                            [a["matrix"] for a in self.state["allocation"]],
+                            [task.name for task in self.tasks],
+                            out / "router_allocation.png",
+                        )
                 acc.wait_for_everyone()
         results = self.results(model, tokenizer, time.perf_counter() - start)
         if self.main:
@@ -331,7 +346,7 @@ class Run:
             "zero_shot": self.state["zero_shot"],
             "eval_split": cfg.eval_split,
             "floors": self.state["floors"],
-            "router_allocation": self.router_allocation(model, tokenizer),
+            **routing_results(self.state.get("allocation")),
             **self.method.report(self, model, tokenizer),
             "seed": cfg.seed,
             "trainable_params": trainable,
@@ -376,6 +391,32 @@ def r_table(
             table.add_row(
                 f"[dim]{label}[/]", *(f"[dim]{v:.1f}[/]" for v in values), f"[dim]{sum(values) / len(values):.1f}[/]"
             )
+    return table
+
+
+def routing_results(phases: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """results.json's routing entries from the allocation measured after each phase."""
+    if not phases:
+        return {"router_allocation": None}
+    return {
+        "router_allocation": phases[-1]["matrix"],
+        "router_allocation_phases": [p["matrix"] for p in phases],
+        "router_entropy_phases": [p["entropy"] for p in phases],
+        "diagonal_mass_phases": [p["diagonal_mass"] for p in phases],
+    }
+
+
+def allocation_table(tasks: list[Task], allocation: dict[str, Any], title: str) -> Table:
+    """One phase's allocation matrix (task x expert), its per-token gate entropy and diagonal mass."""
+    matrix = allocation["matrix"]
+    table = Table(title=title, caption=f"diagonal mass {allocation['diagonal_mass']:.2f}")
+    table.add_column("task \\ expert")
+    for k in range(len(matrix[-1])):
+        table.add_column(f"E{k + 1}", justify="right")
+    table.add_column("entropy", justify="right")
+    for k, (row, entropy) in enumerate(zip(matrix, allocation["entropy"], strict=True)):
+        cells = [f"[bold]{v:.2f}[/]" if j == k else f"{v:.2f}" for j, v in enumerate(row)]
+        table.add_row(tasks[k].name, *cells, f"{entropy:.2f}")
     return table
 
 

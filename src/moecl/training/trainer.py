@@ -64,8 +64,7 @@ def train_task(
     )
     micro_per_epoch = math.ceil(len(items) / (config.micro_batch_size * accelerator.num_processes))
     total_steps = max(1, math.ceil(micro_per_epoch * config.epochs / accum))
-    params = method.trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(method.parameter_groups(model), lr=config.lr, weight_decay=config.weight_decay)
     # The schedule is stepped by hand once per optimizer step (not handed to accelerate, which
     # would step it once per process).
     schedule = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
@@ -79,6 +78,7 @@ def train_task(
             with accelerator.accumulate(ddp_model):
                 lm_loss = answer_loss(ddp_model, batch, keep_logits, method.forward_kwargs(batch))
                 loss = method.loss(model, batch, lm_loss)
+                extra = method.step_log(model, batch)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -93,6 +93,7 @@ def train_task(
                         "step": step,
                         "loss": round(last_loss, 6),
                         "lr": schedule.get_last_lr()[0],
+                        **extra,
                     }
                 )
                 if advance is not None:

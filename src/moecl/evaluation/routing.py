@@ -1,0 +1,56 @@
+"""Where a router sends each task (seed 001 Fig. 3-4): allocation matrices, diagonal mass, entropy.
+
+A run measures, after every task, the router's mean gate per (task seen, expert) on each task's
+scored prompts. Expert ``k`` of a routed method is the one opened for task ``k``, so the
+matrix's diagonal is the share each task gives its own expert ("diagonal mass"): 1 is a router
+that sends every task to its expert, ``1/T`` one that does not tell tasks apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def gate_summary(probs: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, its mean gate and the mean per-token entropy of the gate (nats).
+
+    Args:
+        probs: ``(batch, seq, experts)``, each token's gate.
+        attention_mask: ``(batch, seq)``; padding does not count.
+
+    Returns:
+        ``(batch, experts)`` mean gates and ``(batch,)`` mean entropies.
+    """
+    mask = attention_mask.to(probs.dtype)
+    tokens = mask.sum(1)
+    means = (probs * mask[..., None]).sum(1) / tokens[:, None]
+    entropy = -torch.xlogy(probs, probs).sum(-1)  # (batch, seq); 0 log 0 = 0
+    return means, (entropy * mask).sum(1) / tokens
+
+
+@dataclass
+class Allocation:
+    """Accumulates gates task by task; :meth:`to_json` gives one phase's record."""
+
+    matrix: list[list[float]] = field(default_factory=list)
+    entropy: list[float] = field(default_factory=list)
+
+    def add_task(self, summaries: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One row from the :func:`gate_summary` of each batch of one task's prompts (an example
+        weighs the same whatever its length)."""
+        means = torch.cat([m for m, _ in summaries])
+        entropy = torch.cat([e for _, e in summaries])
+        self.matrix.append([round(float(x), 6) for x in means.mean(0)])
+        self.entropy.append(round(float(entropy.mean()), 6))
+
+    def to_json(self) -> dict[str, object]:
+        return {"matrix": self.matrix, "entropy": self.entropy, "diagonal_mass": diagonal_mass(self.matrix)}
+
+
+def diagonal_mass(matrix: list[list[float]]) -> float | None:
+    """Mean over tasks ``k`` of row ``k``'s gate on expert ``k`` (tasks without an expert skipped);
+    ``None`` when no task has one."""
+    diagonal = [row[k] for k, row in enumerate(matrix) if k < len(row)]
+    return round(sum(diagonal) / len(diagonal), 6) if diagonal else None
