@@ -53,6 +53,8 @@ class AdapterModel(nn.Module):
     CONFIG: ClassVar[type]
     CONFIG_KEY: ClassVar[str]
     TASKS_KEY: ClassVar[str] = "num_tasks"
+    OPTIONAL_KEYS: ClassVar[frozenset[str]] = frozenset()
+    """Saved tensors a folder written by an older moecl may lack (their initial value is right)."""
 
     def __init__(self, base_model: PreTrainedModel, target_modules: list[str] | None):
         super().__init__()
@@ -164,5 +166,5 @@ class AdapterModel(nn.Module):
         model = cls(base_model, cls.CONFIG(**meta[cls.CONFIG_KEY]))
         for _ in range(meta[cls.TASKS_KEY]):
             model.add_task()
-        load_adapters(model, directory, meta)
+        load_adapters(model, directory, meta, cls.OPTIONAL_KEYS)
         return model

@@ -61,8 +61,11 @@ def read_adapter_meta(directory: str | Path, expected_format: str, kind: str) ->
     return meta
 
 
-def load_adapters(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> None:
-    """Copy the saved adapter tensors into ``model``, built with the saved structure."""
+def load_adapters(
+    model: nn.Module, directory: str | Path, meta: dict[str, Any], optional: frozenset[str] = frozenset()
+) -> None:
+    """Copy the saved adapter tensors into ``model``, built with the saved structure. Keys in
+    ``optional`` (tensors newer than some saved folders) keep the model's value when absent."""
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     expected, actual = meta["base_model"], describe_base(model.base_model)
@@ -74,7 +77,7 @@ def load_adapters(model: nn.Module, directory: str | Path, meta: dict[str, Any])
                 f"model has {key}={actual[key]!r}; load them onto the base model they were trained on"
             )
     weights = load_file(str(directory / WEIGHTS_NAME))
-    own = adapter_state_dict(model)
+    own = {k: v for k, v in adapter_state_dict(model).items() if k in weights or k not in optional}
     if set(weights) != set(own):
         missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
         raise ValueError(

@@ -186,6 +186,21 @@ def config_from_options(values: dict[str, Any]) -> RunConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # PMoE's router exactly as seed 001 describes it (Eq. 4, no router loss): raw h_tau, every new
+    # expert and column at zero, every column training, 1% replay. Training budget, rank and
+    # target modules stay the stream's validated defaults, so a comparison isolates the router.
+    "pmoe-paper": dict(
+        method="pmoe",
+        router_norm=False,
+        expert_init="zero",
+        router_init="zero",
+        freeze_router=False,
+        router_align=False,
+        lambda_route=0.0,
+        lambda_route_distill=0.0,
+        router_lr=None,
+        replay=0.01,
+    ),
     # Seed 002's "TRACE 0.5K": 500 training examples per task (mini-trace holds up to 500 per task).
     "0.5k": dict(method="moses", train_size=500),
     # A tiny random model learns the smoke stream with every projection adapted and 30 epochs; a

@@ -1,0 +1,67 @@
+"""PMoE as a method (issue 12): routing distillation, the router's own lr, what a run records."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from moecl.methods.pmoe import PMoEMethod, padded_targets, route_distill_loss
+from moecl.training.config import RunConfig
+from tests.conftest import build_tiny, tiny_run
+
+
+def test_route_distill_loss_equals_the_hand_value():
+    targets = padded_targets([[1.0], [0.6, 0.4]], 3, torch.zeros(1, dtype=torch.float64))
+    assert targets.tolist() == [[1.0, 0.0, 0.0], [0.6, 0.4, 0.0]]
+    probs = torch.tensor(
+        [
+            [[0.5, 0.3, 0.2], [0.7, 0.1, 0.2]],  # task 0: mean 0.6 / 0.2 / 0.2
+            [[0.9, 0.05, 0.05], [0.3, 0.5, 0.2]],  # task 1: the first token is padding
+            [[0.1, 0.1, 0.8], [0.1, 0.1, 0.8]],  # task 2, the one training: not distilled
+        ],
+        dtype=torch.float64,
+    )
+    mask = torch.tensor([[1, 1], [0, 1], [1, 1]])
+    loss = route_distill_loss(probs, torch.tensor([0, 1, 2]), mask, targets)
+    kl0 = -math.log(0.6)
+    kl1 = 0.6 * math.log(0.6 / 0.3) + 0.4 * math.log(0.4 / 0.5)
+    assert float(loss) == pytest.approx((kl0 + kl1) / 2, rel=1e-12)
+    none_old = route_distill_loss(probs[2:], torch.tensor([2]), mask[2:], targets)
+    assert float(none_old) == 0.0
+
+
+def test_router_lr_puts_the_router_in_its_own_group():
+    method = PMoEMethod(RunConfig(model="tiny-random", router_lr=0.05, target_modules=["q_proj"]))
+    model = method.wrap(build_tiny("llama"))
+    model.add_task()
+    groups = method.parameter_groups(model)
+    assert [g.get("lr") for g in groups] == [None, 0.05]
+    assert groups[1]["params"] == [model.router.weight]
+    assert len(groups[0]["params"]) + 1 == len(model.trainable_parameters())
+    assert len(PMoEMethod(RunConfig(model="tiny-random")).parameter_groups(model)) == 1
+
+
+def test_a_run_records_allocation_per_phase_and_the_newest_gate(tmp_path, monkeypatch):
+    results, out = tiny_run(
+        tmp_path, monkeypatch, "pmoe", replay=0.5, lambda_route=1.0, lambda_route_distill=1.0, freeze_router=True
+    )
+    phases = results["router_allocation_phases"]
+    assert [len(m) for m in phases] == [1, 2, 3] and [len(m[-1]) for m in phases] == [1, 2, 3]
+    assert phases[0] == [[1.0]] and results["router_allocation"] == phases[-1]
+    assert results["diagonal_mass_phases"][-1] == pytest.approx(sum(phases[-1][k][k] for k in range(3)) / 3)
+    assert len(results["router_entropy_phases"][2]) == 3
+    assert (out / "router_allocation.png").stat().st_size > 0
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(0.0 <= s["gate_newest"] <= 1.0 for s in steps)
+    assert {s["gate_newest"] for s in steps if s["task"] == 0} == {1.0}
+    targets = json.loads((out / "checkpoints" / "task-2" / "route_targets.json").read_text())
+    assert [len(row) for row in targets] == [1, 2, 3] and targets[0] == [1.0]
+
+
+def test_pmoe_paper_preset_is_the_literal_router_and_options_still_win():
+    from moecl.training.config import config_from_options
+
+    paper = PMoEMethod(config_from_options({"preset": "pmoe-paper"})).adapter_config()
+    assert (paper.router_norm, paper.expert_init, paper.router_init, paper.freeze_router) == (False, "zero", "zero", False)
+    assert config_from_options({"preset": "pmoe-paper", "lambda_route": "0.5"}).lambda_route == 0.5
