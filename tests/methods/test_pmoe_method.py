@@ -63,5 +63,6 @@ def test_pmoe_paper_preset_is_the_literal_router_and_options_still_win():
     from moecl.training.config import config_from_options
 
     paper = PMoEMethod(config_from_options({"preset": "pmoe-paper"})).adapter_config()
-    assert (paper.router_norm, paper.expert_init, paper.router_init, paper.freeze_router) == (False, "zero", "zero", False)
+    literal = (paper.router_norm, paper.expert_init, paper.router_init, paper.freeze_router)
+    assert literal == (False, "zero", "zero", False)
     assert config_from_options({"preset": "pmoe-paper", "lambda_route": "0.5"}).lambda_route == 0.5
