@@ -36,12 +36,14 @@ def test_seeds_then_compare_write_mean_ci_and_floors_in_table_one_layout(tmp_pat
     assert main(["compare", str(pmoe), str(lora), "--labels", "PMoE,LoRA", "--out", str(out)]) == 0
     lines = (out / "compare.md").read_text().splitlines()
     assert lines[0] == "| task | majority | zero-shot | PMoE | LoRA |"
-    assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:8]] == [
+    assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:10]] == [
         "sentiment",
         "parity",
         "OP",
         "BWT",
         "trainable %",
+        "diagonal mass",
+        "own expert after own task",
         "seeds",
     ]
     op_row = next(line for line in lines if line.startswith("| OP |"))
@@ -52,6 +54,11 @@ def test_seeds_then_compare_write_mean_ci_and_floors_in_table_one_layout(tmp_pat
     lora_results = json.loads((lora / "results.json").read_text())
     assert float(rows["OP"][6]) == pytest.approx(lora_results["OP"], abs=1e-4)
     assert (out / "r_matrices.png").stat().st_size > 1000
+    diagonal = [r["diagonal_mass_phases"][-1] for r in per_seed]
+    own = [r["router_allocation_phases"][1][1][1] for r in per_seed]  # two tasks: expert 2 on task 2
+    assert float(rows["diagonal mass"][3]) == pytest.approx(statistics.mean(diagonal), abs=1e-4)
+    assert float(rows["own expert after own task"][3]) == pytest.approx(statistics.mean(own), abs=1e-4)
+    assert rows["diagonal mass"][6] == "" and rows["diagonal mass"][8] == "0"  # LoRA: no router
 
 
 def test_compare_refuses_runs_of_different_streams_and_non_run_folders(tmp_path, monkeypatch):

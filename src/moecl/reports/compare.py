@@ -56,6 +56,18 @@ class MethodRuns:
         """Per seed, the per-item scores the paired bootstrap resamples."""
         return {r["seed"]: item_scores(folder, r) for folder, r in zip(self.folders, self.results, strict=True)}
 
+    def routing(self) -> tuple[list[float], list[float]]:
+        """Per seed (routed runs only): the diagonal mass at the end of the stream, and the mean
+        over tasks ``k >= 2`` of expert ``k``'s gate on task ``k`` right after task ``k``."""
+        diagonal, own = [], []
+        for r in self.results:
+            phases = r.get("router_allocation_phases")
+            if not phases or len(phases) < 2:
+                continue
+            diagonal.append(r["diagonal_mass_phases"][-1])
+            own.append(float(np.mean([phases[k][k][k] for k in range(1, len(phases))])))
+        return diagonal, own
+
     def mean_R(self) -> np.ndarray:
         """``R`` averaged over seeds, NaN where not evaluated: ``(rows, tasks)``."""
         stack = np.array([[[np.nan if v is None else v for v in row] for row in r["R"]] for r in self.results])
@@ -135,6 +147,10 @@ def table_rows(columns: list[MethodRuns]) -> list[tuple[str, list[list[float]]]]
     rows.append(("BWT", [c.values("BWT") for c in columns]))
     share = [[100 * r["trainable_params"] / r["total_params"] for r in c.results] for c in columns]
     rows.append(("trainable %", share))
+    routing = [c.routing() for c in columns]
+    if any(diagonal for diagonal, _ in routing):
+        rows.append(("diagonal mass", [diagonal for diagonal, _ in routing]))
+        rows.append(("own expert after own task", [own for _, own in routing]))
     return rows
 
 
@@ -148,14 +164,16 @@ def markdown(columns: list[MethodRuns], paired: dict[str, Any] | None = None) ->
             "–" if r >= len(floors["majority"]) or floors[k][r] is None else f"{floors[k][r]:.1f}"
             for k in ("majority", "zero_shot")
         ]
-        digits = {"trainable %": 3, "OP": 2, "BWT": 2}.get(name, 1)
+        digits = {"trainable %": 3, "OP": 2, "BWT": 2, "diagonal mass": 2, "own expert after own task": 2}.get(name, 1)
         rows.append([name, *floor_cells, *(_cell(v, digits) for v in values)])
     rows.append(["seeds", "", "", *(str(len(c.results)) for c in columns)])
     text = markdown_table(["task", "majority", "zero-shot", *(c.label for c in columns)], rows)
     text += (
         "\nCells: mean ± half-width of the 95% confidence interval over seeds (Student's t); one seed: the "
         "mean alone. majority / zero-shot: the floors (always the most frequent training answer; the base "
-        "model without training) on the same items.\n"
+        "model without training) on the same items. Routed methods: diagonal mass = mean over tasks of the "
+        "gate on their own expert at the end; own expert after own task = expert k's gate on task k right "
+        "after task k, mean over k >= 2.\n"
     )
     if paired:
         text += "\n" + paired_markdown(paired)
