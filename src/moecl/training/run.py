@@ -9,18 +9,23 @@ The run folder (``--out``) is a contract other commands and users rely on::
     predictions/after-task-<t>/<task>.jsonl   prompt, answer, prediction, score per test example
     checkpoints/task-<t>/                     the method's weights after task t (safetensors)
     replay.json          the replay memory
-    log.jsonl            loss, lr, step, task per optimizer step
+    log.jsonl            loss, lr, step, task per optimizer step (PMoE: the newest expert's gate)
+    router_allocation.png  routed methods: the allocation matrix after every phase
+    .lock                the writer's pid and host while a run holds the folder (see training/lock.py)
 
 Crash safety: every file is written atomically, and ``state.json`` only after a task's
 checkpoint, predictions and replay memory are on disk. Re-running the same command resumes
 after the last completed task; every RNG is re-seeded from ``(seed, task)`` at the start of a
-task, so the resumed run produces the same numbers as an uninterrupted one.
+task, so the resumed run produces the same numbers as an uninterrupted one. One process writes a
+folder at a time (a second one is refused, naming the first), and a NaN or infinite loss stops
+the run naming the task and step, with the last completed task's checkpoint intact.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -28,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -45,6 +50,7 @@ from moecl.models.loading import cache_dir, load_model
 from moecl.reports.plots import plot_allocation_phases
 from moecl.training.batches import Collator
 from moecl.training.config import RunConfig
+from moecl.training.lock import LOCK_NAME, RunLock
 from moecl.training.replay import ReplayMemory
 from moecl.training.trainer import seed_everything, train_task
 
@@ -81,7 +87,8 @@ def load_tasks(config: RunConfig) -> list[Task]:
 
 
 def prepare_out(out: Path, config: RunConfig, force: bool) -> None:
-    """Refuse a folder made with another config (unless ``force``, which starts it over)."""
+    """Refuse a folder made with another config (unless ``force``, which empties it but for the
+    lock the caller holds, and starts over)."""
     saved_path = out / "config.json"
     if saved_path.is_file():
         saved = json.loads(saved_path.read_text())
@@ -95,7 +102,9 @@ def prepare_out(out: Path, config: RunConfig, force: bool) -> None:
                     "re-run with the same options to resume it, choose another --out, or pass "
                     "--force to start it over"
                 )
-            shutil.rmtree(out)
+            for entry in out.iterdir():
+                if entry.name != LOCK_NAME:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 class Run:
@@ -286,6 +295,7 @@ class Run:
                         t,
                         self.log,
                         lambda b=bar: progress.advance(b),
+                        f"{name} (phase {t + 1} of {len(phases)})",
                     )
                     progress.remove_task(bar)
                 self.method.after_task(model, t, own, collator)
@@ -430,5 +440,13 @@ def run(
     """Validate the data, check the run folder, then train and evaluate over the whole stream.
     ``progress``: a live display to add this run's bars to (a study's)."""
     tasks = load_tasks(config)  # every file is validated before anything is created or trained
-    prepare_out(out, config, force)
-    return Run(config, out, tasks, console, progress).execute()
+    # Only the main process holds the lock; the other ranks of `accelerate launch` are its helpers.
+    lock = RunLock(out) if PartialState().is_main_process else contextlib.nullcontext()
+    with lock:
+        if isinstance(lock, RunLock) and lock.previous and lock.previous.get("pid") != os.getpid():
+            (console or Console()).print(
+                f"{out}: its last writer (pid {lock.previous.get('pid')} on {lock.previous.get('host')}) is gone; "
+                "taking the folder over"
+            )
+        prepare_out(out, config, force)
+        return Run(config, out, tasks, console, progress).execute()

@@ -52,8 +52,10 @@ def train_task(
     task_index: int,
     log: Callable[[dict[str, Any]], None],
     advance: Callable[[], None] | None = None,
+    task_name: str | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``items`` (the task's examples and the replay memory) for ``config.epochs``.
+    A non-finite loss raises :class:`NonFiniteLoss` naming ``task_name`` and the step.
 
     Returns the task's training statistics (steps, tokens, seconds, last loss).
     """
@@ -78,6 +80,13 @@ def train_task(
             with accelerator.accumulate(ddp_model):
                 lm_loss = answer_loss(ddp_model, batch, keep_logits, method.forward_kwargs(batch))
                 loss = method.loss(model, batch, lm_loss)
+                if not bool(torch.isfinite(loss.detach())):
+                    raise NonFiniteLoss(
+                        f"training {task_name or f'phase {task_index + 1}'}, optimizer step {step + 1}: the loss is "
+                        f"{float(loss.detach()):g}; the run stopped before applying it. The last good checkpoint is the "
+                        "last completed task's (running the same command resumes from it); lower --lr or "
+                        "check this task's data"
+                    )
                 extra = method.step_log(model, batch)
                 accelerator.backward(loss)
                 optimizer.step()
@@ -106,6 +115,10 @@ def train_task(
         "last_loss": last_loss,
         "planned_steps": total_steps,
     }
+
+
+class NonFiniteLoss(ValueError):
+    """A training loss that is NaN or infinite: training stops instead of corrupting the weights."""
 
 
 def base_forward(model: nn.Module):
