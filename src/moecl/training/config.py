@@ -112,6 +112,12 @@ class RunConfig:
         None,
         "comma-separated projections to adapt, or all-linear (default: all-linear; moses: the family's q,v)",
     )
+    dtype: str = _opt(
+        "auto",
+        "the base model's precision: auto (bf16 on a CUDA device that supports it, else fp32), bf16, fp16 (CUDA "
+        "only) or fp32; adapters and router stay fp32, the forward runs under Accelerate's autocast",
+        choices=["auto", "bf16", "fp16", "fp32"],
+    )
     eval_all_tasks: bool = _opt(False, "after every task evaluate all tasks, and the base model first (enables FWT)")
     bwt_convention: str = _opt("seed", "BWT definition", choices=list(BWT_CONVENTIONS))
 

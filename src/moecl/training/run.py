@@ -46,7 +46,7 @@ from moecl.evaluation.routing import Allocation, gate_summary
 from moecl.io import atomic_write_json, atomic_write_text
 from moecl.methods import METHODS
 from moecl.methods.base import Method
-from moecl.models.loading import cache_dir, load_model
+from moecl.models.loading import cache_dir, load_model, resolve_dtype
 from moecl.reports.plots import plot_allocation_phases
 from moecl.training.batches import Collator
 from moecl.training.config import RunConfig
@@ -122,7 +122,10 @@ class Run:
         self.shared_progress = progress  # a caller's live progress display (a study's) to add bars to
         # cpu=True on a machine without CUDA: that is what makes `accelerate launch` start gloo
         # data parallelism over CPU processes instead of one independent run per process.
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = resolve_dtype(config.dtype, device)
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "no")
+        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
         self.main = self.accelerator.is_main_process
         self.console = console or Console()
         self.method: Method = METHODS[config.method](config)
@@ -202,6 +205,7 @@ class Run:
             settings = {
                 "max_new_tokens": self.max_new_tokens(task, tokenizer),
                 "max_prompt_tokens": cfg.max_prompt_tokens,
+                **({} if self.dtype == torch.float32 else {"dtype": str(self.dtype)}),  # fp32 keys as before
             }
             keys[task.name] = zero_shot_key(cfg.model, task, split, settings)
             floors[task.name] = {"majority": majority_score(task, split), "zero_shot": cache.get(keys[task.name])}
@@ -255,7 +259,7 @@ class Run:
         if self.main:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out / "config.json", cfg.to_dict())
-        base, tokenizer = load_model(cfg.model, seed=cfg.seed)
+        base, tokenizer = load_model(cfg.model, seed=cfg.seed, dtype=self.dtype)
         if self.state.get("floors") is None:  # before any adapter touches the base model
             self.state["floors"] = self.floors(base, tokenizer)
         seed_everything(cfg.seed, -1)  # adapters' initial values (overwritten again when resuming)

@@ -83,8 +83,8 @@ def train_task(
                 if not bool(torch.isfinite(loss.detach())):
                     raise NonFiniteLoss(
                         f"training {task_name or f'phase {task_index + 1}'}, optimizer step {step + 1}: the loss is "
-                        f"{float(loss.detach()):g}; the run stopped before applying it. The last good checkpoint is the "
-                        "last completed task's (running the same command resumes from it); lower --lr or "
+                        f"{float(loss.detach()):g}; the run stopped before applying it. The last good checkpoint "
+                        "is the last completed task's (running the same command resumes from it); lower --lr or "
                         "check this task's data"
                     )
                 extra = method.step_log(model, batch)
