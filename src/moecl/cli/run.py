@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                 flag,
                 type=converter(f.type),
                 default=None,
-                choices=f.metadata.get("choices"),
+                choices=[c for c in f.metadata["choices"] if c is not None] if "choices" in f.metadata else None,
                 metavar=f.name.upper(),
                 help=help_text,
             )
@@ -223,4 +224,56 @@ def study_command(args: argparse.Namespace, console: Console) -> int:
     text = run_study(study, out, force=args.force, console=console)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {out}/compare.md, compare.csv, compare.json, r_matrices.png, study.json")
+    return 0
+
+
+def general_command(args: argparse.Namespace, console: Console) -> int:
+    import torch
+    from rich.table import Table
+
+    from moecl.evaluation.general import BENCHMARKS, base_scores, paired, score_suite
+    from moecl.io import atomic_write_json
+    from moecl.methods import METHODS
+    from moecl.models.loading import load_model, resolve_dtype
+    from moecl.training.run import general_table
+
+    limit = args.limit or None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = None
+    if args.run is not None:
+        state_path = args.run / "state.json"
+        if not (args.run / "results.json").is_file() or not state_path.is_file():
+            raise ValueError(f"{args.run} is not a finished moecl run folder (no results.json); finish it first")
+        config = config_from_options(json.loads((args.run / "config.json").read_text()))
+    model_name = config.model if config else args.model
+    dtype = resolve_dtype(config.dtype if config else "auto", device)
+    base, tokenizer = load_model(model_name, dtype=dtype)
+    base.to(device)
+    start = time.perf_counter()
+    before = base_scores(model_name, base, tokenizer, args.suite, limit, dtype)  # cached per model + items
+    seconds = time.perf_counter() - start
+    record: dict[str, Any] = {"model": model_name, "suite": args.suite, "limit": limit}
+    if config is None:
+        table = Table(title=f"{model_name} on the {args.suite} suite ({seconds:.0f} s, or cached)")
+        for column in ("benchmark", "metric", "n", "score ± SE", "chance"):
+            table.add_column(column, justify="left" if column in ("benchmark", "metric") else "right")
+        for name, s in before.items():
+            chance = 100 * BENCHMARKS[name].chance
+            table.add_row(name, s.metric, str(s.n), f"{s.score:.1f} ± {s.se:.1f}", f"{chance:.0f}")
+        console.print(table)
+        record["scores"] = {n: s.to_json() for n, s in before.items()}
+        record["seconds"] = round(seconds, 1)
+    else:
+        method = METHODS[config.method](config)
+        done = json.loads((args.run / "state.json").read_text())["completed"]
+        model = method.load(base, args.run / "checkpoints" / f"task-{done - 1}").to(device)
+        tasks = json.loads((args.run / "results.json").read_text())["tasks"]
+        scored, note = method.general_model(model, len(tasks) - 1)
+        start = time.perf_counter()
+        after = score_suite(scored, base, tokenizer, args.suite, limit, args.batch_size)
+        record.update(paired(before, after), general_scored_with=note, seconds=round(time.perf_counter() - start, 1))
+        console.print(general_table(record, f"{args.run}: general ability ({args.suite} suite)"))
+    if args.out:
+        atomic_write_json(args.out, record)
+        console.print(f"wrote {args.out}")
     return 0

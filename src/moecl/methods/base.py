@@ -76,6 +76,12 @@ class Method:
     def before_eval(self, model: nn.Module, task_index: int) -> None:
         """Called before scoring task ``task_index`` (a method given the task id sets it here)."""
 
+    def general_model(self, model: nn.Module, last_task: int) -> tuple[nn.Module, str | None]:
+        """The model general ability is scored on once the stream is done, and, for methods that
+        need a task id at inference, which task's adapter that is (said beside the scores)."""
+        self.before_eval(model, last_task)
+        return model, None
+
     def prompt_tokens(self) -> int:
         """Prompts are cut from the left to this many tokens at evaluation."""
         return self.config.max_prompt_tokens

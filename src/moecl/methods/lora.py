@@ -102,3 +102,7 @@ class PerTaskLoRAMethod(_FixedGateMethod):
 
     def before_eval(self, model: PMoEModel, task_index: int) -> None:
         model.active_task = task_index
+
+    def general_model(self, model: PMoEModel, last_task: int) -> tuple[PMoEModel, str | None]:
+        self.before_eval(model, last_task)
+        return model, f"the last task's LoRA (task {last_task + 1}, task id given)"

@@ -65,6 +65,12 @@ class MoSEsMethod(Method):
         model.infer_tasks = self.config.task_id == "inferred"
         model.given_task = task_index
 
+    def general_model(self, model: MoSEsModel, last_task: int) -> tuple[MoSEsModel, str | None]:
+        self.before_eval(model, last_task)
+        if self.config.task_id == "inferred":
+            return model, "the task inferred from each prompt (TaIL)"
+        return model, f"the last task's sub-experts (task {last_task + 1}, task id given)"
+
     def save(self, model: MoSEsModel, directory: Path) -> None:
         model.save_pretrained(directory)
 

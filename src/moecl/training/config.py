@@ -118,12 +118,22 @@ class RunConfig:
         "only) or fp32; adapters and router stay fp32, the forward runs under Accelerate's autocast",
         choices=["auto", "bf16", "fp16", "fp32"],
     )
+    general: str | None = _opt(
+        None,
+        "general-ability suite scored through lm-eval before the stream (base model, cached) and after it: "
+        "small (HellaSwag, ARC-Easy/Challenge, PIQA, BoolQ, MMLU cloze); adds general and delta_RG to "
+        "results.json; none: off",
+        choices=[None, "none", "small"],
+    )
+    general_limit: int | None = _opt(100, "items per general-ability benchmark (seeded subset; null: all)")
     eval_all_tasks: bool = _opt(False, "after every task evaluate all tasks, and the base model first (enables FWT)")
     bwt_convention: str = _opt("seed", "BWT definition", choices=list(BWT_CONVENTIONS))
 
     def __post_init__(self) -> None:
         if self.lr is None:
             self.lr = DEFAULT_LR.get(self.method, 3e-3)
+        if self.general == "none":
+            self.general = None
         if self.replay is None:
             self.replay = DEFAULT_REPLAY.get(self.method, 0.0)
         if self.target_modules is None:

@@ -41,6 +41,7 @@ from rich.table import Table
 from moecl.data.trace import DataError, Task, load_benchmark
 from moecl.evaluation.continual import backward_transfer, forward_transfer, overall_performance
 from moecl.evaluation.floors import ZeroShotCache, majority_score, zero_shot_key
+from moecl.evaluation.general import BenchmarkScore, base_scores, paired, score_suite
 from moecl.evaluation.generation import generate, max_new_tokens_for, prompt_batches, score_predictions
 from moecl.evaluation.routing import Allocation, gate_summary
 from moecl.io import atomic_write_json, atomic_write_text
@@ -262,6 +263,10 @@ class Run:
         base, tokenizer = load_model(cfg.model, seed=cfg.seed, dtype=self.dtype)
         if self.state.get("floors") is None:  # before any adapter touches the base model
             self.state["floors"] = self.floors(base, tokenizer)
+        if cfg.general and self.state.get("general_before") is None:
+            base.to(acc.device)
+            before = base_scores(cfg.model, base, tokenizer, cfg.general, cfg.general_limit, self.dtype)
+            self.state["general_before"] = {name: score.to_json() for name, score in before.items()}
         seed_everything(cfg.seed, -1)  # adapters' initial values (overwritten again when resuming)
         done = self.state["completed"]
         if done:
@@ -329,11 +334,30 @@ class Run:
                             out / "router_allocation.png",
                         )
                 acc.wait_for_everyone()
-        results = self.results(model, tokenizer, time.perf_counter() - start)
+        general = self.general_after(model, base, tokenizer) if cfg.general else {}
+        results = {**self.results(model, tokenizer, time.perf_counter() - start), **general}
         if self.main:
             atomic_write_json(out / "results.json", results)
         acc.wait_for_everyone()
         return results
+
+    def general_after(self, model, base, tokenizer) -> dict[str, Any]:
+        """General ability after the stream, paired with the base model's on the same items
+        (results.json's ``general``, ``delta_RG``; per-item results in ``general.json``)."""
+        cfg = self.config
+        scored, note = self.method.general_model(model, len(self.tasks) - 1)
+        start = time.perf_counter()
+        after = score_suite(scored, base, tokenizer, cfg.general, cfg.general_limit, cfg.eval_batch_size)
+        before = {n: BenchmarkScore(n, s["metric"], s["items"]) for n, s in self.state["general_before"].items()}
+        out = {**paired(before, after), "general_suite": cfg.general, "general_scored_with": note}
+        if self.main:
+            atomic_write_json(
+                self.out / "general.json",
+                {"before": self.state["general_before"], "after": {n: s.to_json() for n, s in after.items()}},
+            )
+            self.console.print(general_table(out, f"general ability ({cfg.general} suite)"))
+            self.console.print(f"general ability after the stream scored in {time.perf_counter() - start:.0f} s")
+        return out
 
     def phases(self) -> list[list[int]]:
         """The task indices trained in each phase: one task each, or all at once for a joint method."""
@@ -418,6 +442,26 @@ def routing_results(phases: list[dict[str, Any]] | None) -> dict[str, Any]:
         "router_entropy_phases": [p["entropy"] for p in phases],
         "diagonal_mass_phases": [p["diagonal_mass"] for p in phases],
     }
+
+
+def general_table(general: dict[str, Any], title: str) -> Table:
+    """Before / after / difference per benchmark with standard errors, and Delta R^G (Eq. 6)."""
+    table = Table(
+        title=title,
+        caption=f"scored with {general['general_scored_with']}" if general.get("general_scored_with") else None,
+    )
+    for column in ("benchmark", "n", "before", "after", "Δ (paired SE)"):
+        table.add_column(column, justify="left" if column == "benchmark" else "right")
+    for name, g in general["general"].items():
+        table.add_row(
+            f"{name} ({g['metric']})",
+            str(g["n"]),
+            f"{g['before']:.1f} ± {g['se_before']:.1f}",
+            f"{g['after']:.1f} ± {g['se_after']:.1f}",
+            f"{g['delta']:+.1f} ({g['se_delta']:.1f})",
+        )
+    table.add_row("Δ R^G", "", "", "", f"{general['delta_RG']:+.2f} ({general['delta_RG_se']:.2f})")
+    return table
 
 
 def allocation_table(tasks: list[Task], allocation: dict[str, Any], title: str) -> Table:
