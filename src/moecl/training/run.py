@@ -121,12 +121,10 @@ class Run:
     ):
         self.config, self.out, self.tasks = config, out, tasks
         self.shared_progress = progress  # a caller's live progress display (a study's) to add bars to
-        # cpu=True on a machine without CUDA: that is what makes `accelerate launch` start gloo
-        # data parallelism over CPU processes instead of one independent run per process.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = resolve_dtype(config.dtype, device)
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "no")
-        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+        self.accelerator = make_accelerator(device, precision)
         self.main = self.accelerator.is_main_process
         self.console = console or Console()
         self.method: Method = METHODS[config.method](config)
@@ -395,6 +393,20 @@ class Run:
         }
 
 
+def make_accelerator(device: torch.device, precision: str) -> Accelerator:
+    """An Accelerator for this run. Accelerate keeps its state per process and refuses another
+    precision once set; a study runs several runs in one process, which may differ in ``dtype``,
+    so the precision part of that state (not the process group) is reset between them."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    # cpu=True on a machine without CUDA: that is what makes `accelerate launch` start gloo
+    # data parallelism over CPU processes instead of one independent run per process.
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+
+
 def gather(accelerator: Accelerator, items: list) -> list:
     if accelerator.num_processes == 1:
         return items
@@ -489,7 +501,8 @@ def run(
     ``progress``: a live display to add this run's bars to (a study's)."""
     tasks = load_tasks(config)  # every file is validated before anything is created or trained
     # Only the main process holds the lock; the other ranks of `accelerate launch` are its helpers.
-    lock = RunLock(out) if PartialState().is_main_process else contextlib.nullcontext()
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process  # as the run's Accelerator sees it
+    lock = RunLock(out) if main else contextlib.nullcontext()
     with lock:
         if isinstance(lock, RunLock) and lock.previous and lock.previous.get("pid") != os.getpid():
             (console or Console()).print(
