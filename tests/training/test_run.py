@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from moecl.data.trace import DataError
 from moecl.training.config import RunConfig
@@ -138,3 +139,46 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path):
     # Sharded data: each optimizer step sees 4 examples per process, so a 24-example task takes 3 steps.
     steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert max(s["step"] for s in steps if s["task"] == 0) == 3
+
+
+def test_mid_task_checkpoints_resume_after_sigkill_to_the_same_numbers(tmp_path):
+    from safetensors.torch import load_file
+
+    env = _env(tmp_path)
+    args = [*FAST, "epochs=2", "save_every=2"]
+    straight = tmp_path / "straight"
+    assert _moecl([*args, "--out", str(straight)], env).returncode == 0
+    assert not any("step" in p.name for p in (straight / "checkpoints").iterdir())  # removed once tasks end
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moecl.cli.main", *args, "--out", str(killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = killed / "state.json"
+
+    def inside_task_1() -> bool:
+        if not state.is_file():
+            return False
+        partial = json.loads(state.read_text()).get("partial")
+        return partial is not None and partial["task"] == 1 and partial["step"] >= 4
+
+    deadline = time.time() + 240
+    while time.time() < deadline and not inside_task_1():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = json.loads(state.read_text())["partial"]
+    assert partial["task"] == 1 and json.loads(state.read_text())["completed"] == 1
+    resumed = _moecl([*args, "--out", str(killed)], env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"after its optimizer step {partial['step']}" in resumed.stdout
+    assert _numbers(killed) == _numbers(straight)
+    for t in range(4):
+        a = load_file(str(straight / "checkpoints" / f"task-{t}" / "adapter_model.safetensors"))
+        b = load_file(str(killed / "checkpoints" / f"task-{t}" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert [(s["task"], s["step"], s["loss"]) for s in log] == [(s["task"], s["step"], s["loss"]) for s in expected]

@@ -60,6 +60,11 @@ class RunConfig:
     max_answer_tokens: int = _opt(64, "answers are truncated to this many tokens in training")
     max_new_tokens: int | None = _opt(None, "generation length at evaluation (default: longest training answer + 4)")
     eval_batch_size: int = _opt(16, "prompts per generation batch")
+    save_every: int = _opt(
+        0,
+        "also checkpoint every N optimizer steps inside a task (model, optimizer, schedule, RNG, data position), "
+        "so a killed run resumes mid-task with the same numbers; 0: only at the end of each task",
+    )
     replay: float | None = _opt(
         None,
         "fraction of each past task's training data kept and mixed into later tasks (default: 0.01 for pmoe as in "

@@ -142,6 +142,28 @@ class Run:
             with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def save_mid_task(self, model: torch.nn.Module, t: int, snapshot: dict[str, Any]) -> None:
+        """Checkpoint phase ``t`` after optimizer step ``snapshot["step"]``: the method's weights and
+        the trainer's state go to a new folder under a temporary name, renamed once complete;
+        then ``state.json`` points to it and the previous mid-task folder is removed. A crash at
+        any moment leaves ``state.json`` pointing to a complete checkpoint."""
+        if not self.main:
+            return
+        folder = self.out / "checkpoints" / f"task-{t}-step-{snapshot['step']}"
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.method.save(model, tmp)
+        torch.save({k: snapshot[k] for k in ("optimizer", "schedule", "torch_rng")}, tmp / "trainer_state.pt")
+        position = {k: snapshot[k] for k in ("step", "micro", "tokens", "last_loss", "python_rng")}
+        atomic_write_json(tmp / "position.json", {"task": t, **position})
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        previous = self.state.get("partial")
+        self.state["partial"] = {"task": t, "step": snapshot["step"], "dir": folder.name}
+        atomic_write_json(self.out / "state.json", self.state)
+        if previous is not None and previous["dir"] != folder.name:
+            shutil.rmtree(self.out / "checkpoints" / previous["dir"], ignore_errors=True)
+
     def _trim_log(self) -> None:
         """Drop log lines of a task that was interrupted (it is trained again from its start)."""
         path = self.out / "log.jsonl"
@@ -149,7 +171,7 @@ class Run:
             keep = [
                 line
                 for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["task"] < self.state["completed"]
+                if line.strip() and _kept(json.loads(line), self.state["completed"], self.state.get("partial"))
             ]
             atomic_write_text(path, "".join(line + "\n" for line in keep))
 
@@ -267,12 +289,20 @@ class Run:
             self.state["general_before"] = {name: score.to_json() for name, score in before.items()}
         seed_everything(cfg.seed, -1)  # adapters' initial values (overwritten again when resuming)
         done = self.state["completed"]
-        if done:
+        partial = self.state.get("partial")
+        resume = None
+        if partial is not None and partial["task"] == done:  # a mid-task checkpoint (--save-every)
+            model = self.method.load(base, out / "checkpoints" / partial["dir"])
+            resume = load_mid_task(out / "checkpoints" / partial["dir"])
+            self.console.print(f"resuming {out} inside phase {done + 1}, after its optimizer step {partial['step']}")
+        elif done:
             model = self.method.load(base, out / "checkpoints" / f"task-{done - 1}")
-            memory = ReplayMemory.from_json(json.loads((out / "replay.json").read_text()), cfg.replay, cfg.seed)
             self.console.print(f"resuming {out} after {done} of {len(self.phases())} training phases")
         else:
             model = self.method.wrap(base)
+        if done:
+            memory = ReplayMemory.from_json(json.loads((out / "replay.json").read_text()), cfg.replay, cfg.seed)
+        else:
             memory = ReplayMemory(cfg.replay, cfg.seed)
         self._trim_log()
         model.to(acc.device)
@@ -303,6 +333,8 @@ class Run:
                         self.log,
                         lambda b=bar: progress.advance(b),
                         f"{name} (phase {t + 1} of {len(phases)})",
+                        resume if t == done else None,
+                        lambda snapshot, t=t: self.save_mid_task(model, t, snapshot),
                     )
                     progress.remove_task(bar)
                 self.method.after_task(model, t, own, collator)
@@ -315,12 +347,15 @@ class Run:
                     self.state.setdefault("allocation", []).append(allocation)
                 self.state["train"].append({"task": name, "examples": len(items) if self.method.trains else 0, **stats})
                 self.state["completed"] = t + 1
+                finished_partial, self.state["partial"] = self.state.get("partial"), None
                 self.state["wall_seconds"] += time.perf_counter() - start
                 start = time.perf_counter()
                 if self.main:
                     self.method.save(model, out / "checkpoints" / f"task-{t}")
                     atomic_write_json(out / "replay.json", memory.to_json())
                     atomic_write_json(out / "state.json", self.state)  # last: marks task t complete
+                    if finished_partial is not None:
+                        shutil.rmtree(out / "checkpoints" / finished_partial["dir"], ignore_errors=True)
                     title = f"R after phase {t + 1} ({cfg.eval_split} split)"
                     self.console.print(r_table(self.tasks, self.state["R"], title, phases, self.state["floors"]))
                     if allocation is not None:
@@ -405,6 +440,20 @@ def make_accelerator(device: torch.device, precision: str) -> Accelerator:
     # cpu=True on a machine without CUDA: that is what makes `accelerate launch` start gloo
     # data parallelism over CPU processes instead of one independent run per process.
     return Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+
+
+def _kept(record: dict[str, Any], completed: int, partial: dict[str, Any] | None) -> bool:
+    """Whether a log line survives a resume: it belongs to a completed task, or to the interrupted
+    one at or before its mid-task checkpoint."""
+    if record["task"] < completed:
+        return True
+    return partial is not None and record["task"] == partial["task"] and record["step"] <= partial["step"]
+
+
+def load_mid_task(folder: Path) -> dict[str, Any]:
+    """The trainer's snapshot saved by :meth:`Run.save_mid_task`, as ``train_task`` takes it back."""
+    state = torch.load(folder / "trainer_state.pt", weights_only=True)
+    return {**state, **json.loads((folder / "position.json").read_text())}
 
 
 def gather(accelerator: Accelerator, items: list) -> list:

@@ -53,9 +53,18 @@ def train_task(
     log: Callable[[dict[str, Any]], None],
     advance: Callable[[], None] | None = None,
     task_name: str | None = None,
+    resume: dict[str, Any] | None = None,
+    save: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``items`` (the task's examples and the replay memory) for ``config.epochs``.
     A non-finite loss raises :class:`NonFiniteLoss` naming ``task_name`` and the step.
+
+    Mid-task checkpoints: every ``config.save_every`` optimizer steps ``save`` receives a snapshot
+    (step, micro-batches consumed, tokens, last loss, optimizer and schedule state, RNG states).
+    Handed back as ``resume`` (with the model restored from the same checkpoint), training goes
+    on from there exactly: the loader is replayed from the task's start with the same seed and
+    the consumed micro-batches are skipped untrained, so every later batch, RNG draw and update
+    is the one an uninterrupted run makes.
 
     Returns the task's training statistics (steps, tokens, seconds, last loss).
     """
@@ -70,13 +79,23 @@ def train_task(
     # The schedule is stepped by hand once per optimizer step (not handed to accelerate, which
     # would step it once per process).
     schedule = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    step, micro, tokens, last_loss = 0, 0, 0, float("nan")
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        step, tokens, last_loss = resume["step"], resume["tokens"], resume["last_loss"]
     accelerator.gradient_accumulation_steps = accum
     ddp_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ddp_model.train()
     keep_logits = "logits_to_keep" in inspect.signature(base_forward(model)).parameters
-    step, tokens, last_loss = 0, 0, float("nan")
     for _epoch in range(config.epochs):
         for batch in loader:
+            micro += 1
+            if resume is not None and micro <= resume["micro"]:  # trained before the interruption
+                if micro == resume["micro"]:
+                    torch.set_rng_state(resume["torch_rng"])
+                    random.setstate(_tuples(resume["python_rng"]))
+                continue
             with accelerator.accumulate(ddp_model):
                 lm_loss = answer_loss(ddp_model, batch, keep_logits, method.forward_kwargs(batch))
                 loss = method.loss(model, batch, lm_loss)
@@ -107,6 +126,19 @@ def train_task(
                 )
                 if advance is not None:
                     advance()
+                if save is not None and config.save_every and step % config.save_every == 0 and step < total_steps:
+                    save(
+                        {
+                            "step": step,
+                            "micro": micro,
+                            "tokens": tokens,
+                            "last_loss": last_loss,
+                            "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(),
+                            "torch_rng": torch.get_rng_state(),
+                            "python_rng": random.getstate(),
+                        }
+                    )
     ddp_model.eval()
     accelerator.free_memory()  # drop accelerate's references before the next task re-prepares
     return {
@@ -115,6 +147,11 @@ def train_task(
         "last_loss": last_loss,
         "planned_steps": total_steps,
     }
+
+
+def _tuples(value: Any) -> Any:
+    """``random.getstate()`` after a JSON round trip: its lists back to tuples."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 class NonFiniteLoss(ValueError):
