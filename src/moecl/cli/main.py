@@ -19,6 +19,7 @@ from moecl.cli.run import (
     RUN_DESCRIPTION,
     add_run_arguments,
     compare_command,
+    export_command,
     general_command,
     run_command,
     seed_list,
@@ -96,6 +97,19 @@ Suites: small = HellaSwag, ARC-Easy, ARC-Challenge, PIQA, BoolQ, MMLU (cloze, 57
 """
 
 
+EXPORT_HELP = """\
+Take experts out of a PMoE run for the tools that serve LoRA adapters (PEFT, vLLM, TGI).
+
+  moecl export runs/pmoe --expert 2 --out adapters/intent     # shallow LoRA + expert 2, rank r
+  moecl export runs/pmoe --task intent --out adapters/mix     # the router's mean gate on intent
+  moecl export runs/pmoe --expert 2 --merged --out models/m2  # merged into a transformers folder
+
+A single expert is PMoE with its gate fixed one-hot on it; --gate/--task fold a fixed mixture
+into one LoRA of rank T*r in the deep blocks (PEFT's rank_pattern). Both are exact: the tests
+load the adapter with peft.PeftModel.from_pretrained and compare logits with PMoE under that gate.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moecl",
@@ -158,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     general.add_argument("--batch-size", type=int, default=16, help="lm-eval's batch size (default: 16)")
     general.add_argument("--out", type=Path, help="also write the scores here as JSON")
     general.set_defaults(handler=general_command)
+    export = commands.add_parser(
+        "export",
+        help="write a PMoE run's expert (or a fixed mixture) as a PEFT LoRA adapter or a merged model",
+        description=EXPORT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished PMoE run folder")
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--expert", type=int, metavar="K", help="expert K (1-based, E1 in the allocation tables)")
+    which.add_argument("--gate", metavar="G,G,...", help="a fixed gate over the experts (sums to 1): rank T*r")
+    which.add_argument("--task", metavar="NAME", help="the router's mean gate on that task at the end of the stream")
+    export.add_argument("--merged", action="store_true", help="merge into the base weights (a transformers folder)")
+    export.add_argument("--out", type=Path, required=True, help="folder to write")
+    export.set_defaults(handler=export_command)
     theory = commands.add_parser(
         "theory",
         help="simulate seed 003's MoE continual-learning theory",
