@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from moecl.data.trace import DataError
 from moecl.training.config import RunConfig
@@ -182,3 +183,36 @@ def test_mid_task_checkpoints_resume_after_sigkill_to_the_same_numbers(tmp_path)
     log = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
     expected = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
     assert [(s["task"], s["step"], s["loss"]) for s in log] == [(s["task"], s["step"], s["loss"]) for s in expected]
+
+
+def test_replay_extra_joins_every_task_after_the_first_and_bad_files_are_named(tmp_path, monkeypatch):
+    from moecl.training import run as run_module
+    from tests.conftest import tiny_run
+
+    extra = tmp_path / "lima.json"
+    extra.write_text(json.dumps([{"prompt": "Say hi.", "answer": "hi"}, {"prompt": "Say bye.", "answer": "bye"}]))
+    seen = []
+    real = run_module.train_task
+
+    def spy(accelerator, method, model, collator, items, *args, **kw):
+        seen.append([(t, e.prompt) for t, e in items if e.prompt.startswith("Say ")])
+        return real(accelerator, method, model, collator, items, *args, **kw)
+
+    monkeypatch.setattr(run_module, "train_task", spy)
+    tiny_run(tmp_path, monkeypatch, "extra", method="seq-lora", replay_extra=str(extra))
+    assert seen == [[], [(1, "Say hi."), (1, "Say bye.")], [(2, "Say hi."), (2, "Say bye.")]]
+    extra.write_text(json.dumps([{"prompt": "Say hi."}]))
+    with pytest.raises(DataError, match=r"lima.json: record 0: field 'answer' is missing"):
+        tiny_run(tmp_path, monkeypatch, "bad", replay_extra=str(extra))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_papers_recipe_parses_into_a_run_config():
+    from moecl.training.config import config_from_options
+
+    recipe = yaml.safe_load(
+        (Path(__file__).parents[2] / "configs" / "recipes" / "pmoe-trace-llama2-7b.yaml").read_text()
+    )
+    config = config_from_options({**recipe, "data_dir": "/data/TRACE"})
+    assert (config.rank, config.tau, config.lr, config.batch_size, config.train_size) == (4, 24, 3e-4, 128, 5000)
+    assert config.tasks[0] == "C-STANCE" and config.tasks[-1] == "20Minuten" and config.replay == 0.01

@@ -70,6 +70,11 @@ class RunConfig:
         "fraction of each past task's training data kept and mixed into later tasks (default: 0.01 for pmoe as in "
         "seed 001, 0 for the baselines; seq-ft/seq-lora with replay are the paper's Full-ft-RE/LoRA-RE)",
     )
+    replay_extra: str | None = _opt(
+        None,
+        "TRACE-format JSON file of extra examples (e.g. LIMA, the paper's alignment data) joining the replay "
+        "memory: mixed into every task after the first, as that task's data",
+    )
     lambda_route: float = _opt(0.0, "weight of PMoE's router loss (Eq. 7) against the task id; 0 = off")
     lambda_orth: float = _opt(0.5, "o-lora: weight of the orthogonality loss sum_i |A_i A_t^T| (official code: 0.5)")
     lambda_l2: float = _opt(0.0, "o-lora: weight of ||new LoRA||^2 (official code: 0)")

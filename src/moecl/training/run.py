@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from moecl.data.trace import DataError, Task, load_benchmark
+from moecl.data.trace import DataError, Example, Task, load_benchmark, read_split
 from moecl.evaluation.continual import backward_transfer, forward_transfer, overall_performance
 from moecl.evaluation.floors import ZeroShotCache, majority_score, zero_shot_key
 from moecl.evaluation.general import BenchmarkScore, base_scores, paired, score_suite
@@ -87,6 +87,16 @@ def load_tasks(config: RunConfig) -> list[Task]:
     return tasks
 
 
+def load_replay_extra(config: RunConfig) -> list[Example]:
+    """``--replay-extra``'s examples, validated like a task's split (file, record and field named)."""
+    if not config.replay_extra:
+        return []
+    path = Path(config.replay_extra)
+    if not path.is_file():
+        raise DataError(f"--replay-extra {path}: no such file; give a TRACE-format JSON list of prompt/answer records")
+    return read_split(path)
+
+
 def prepare_out(out: Path, config: RunConfig, force: bool) -> None:
     """Refuse a folder made with another config (unless ``force``, which empties it but for the
     lock the caller holds, and starts over)."""
@@ -120,6 +130,7 @@ class Run:
         progress: Progress | None = None,
     ):
         self.config, self.out, self.tasks = config, out, tasks
+        self.replay_extra = load_replay_extra(config)
         self.shared_progress = progress  # a caller's live progress display (a study's) to add bars to
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = resolve_dtype(config.dtype, device)
@@ -318,6 +329,8 @@ class Run:
                 own = [e for i in phases[t] for e in self.tasks[i].train]
                 self.method.before_task(model, t, own, collator)
                 items = [(i, e) for i in phases[t] for e in self.tasks[i].train] + memory.items
+                if t > 0:  # alignment data joins the replay memory: trained as the current task's data
+                    items += [(phases[t][-1], e) for e in self.replay_extra]
                 name = "+".join(self.tasks[i].name for i in phases[t])
                 stats = {"steps": 0, "tokens": 0, "last_loss": None, "planned_steps": 0}
                 if self.method.trains:
@@ -549,6 +562,7 @@ def run(
     """Validate the data, check the run folder, then train and evaluate over the whole stream.
     ``progress``: a live display to add this run's bars to (a study's)."""
     tasks = load_tasks(config)  # every file is validated before anything is created or trained
+    load_replay_extra(config)
     # Only the main process holds the lock; the other ranks of `accelerate launch` are its helpers.
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process  # as the run's Accelerator sees it
     lock = RunLock(out) if main else contextlib.nullcontext()
