@@ -21,6 +21,7 @@ from moecl.cli.run import (
     compare_command,
     export_command,
     general_command,
+    route_command,
     run_command,
     seed_list,
     show_command,
@@ -172,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     general.add_argument("--batch-size", type=int, default=16, help="lm-eval's batch size (default: 16)")
     general.add_argument("--out", type=Path, help="also write the scores here as JSON")
     general.set_defaults(handler=general_command)
+    route = commands.add_parser(
+        "route",
+        help="colour each token of a text by its top PMoE expert (seed 001 Fig. 5): terminal and HTML",
+    )
+    route.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished PMoE run folder")
+    source = route.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="the text to route")
+    source.add_argument("--file", type=Path, help="a UTF-8 file with the text to route")
+    route.add_argument("--out", type=Path, help="the HTML page to write (default: RUN_DIR/route.html)")
+    route.set_defaults(handler=route_command)
     export = commands.add_parser(
         "export",
         help="write a PMoE run's expert (or a fixed mixture) as a PEFT LoRA adapter or a merged model",

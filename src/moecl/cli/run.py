@@ -322,3 +322,29 @@ def export_command(args: argparse.Namespace, console: Console) -> int:
             f"peft.PeftModel.from_pretrained(<{config.model}>, '{args.out}')"
         )
     return 0
+
+
+def route_command(args: argparse.Namespace, console: Console) -> int:
+    import torch
+
+    from moecl.io import atomic_write_text
+    from moecl.methods import METHODS
+    from moecl.models.loading import load_model
+    from moecl.reports.route import route_html, route_text, token_routes
+
+    if not (args.run_dir / "results.json").is_file():
+        raise ValueError(f"{args.run_dir} is not a finished moecl run folder (no results.json)")
+    config = config_from_options(json.loads((args.run_dir / "config.json").read_text()))
+    if config.method != "pmoe":
+        raise ValueError(f"{args.run_dir} is a {config.method} run; the route view needs PMoE's router")
+    text = args.text if args.text is not None else args.file.read_text(encoding="utf-8")
+    tasks = json.loads((args.run_dir / "results.json").read_text())["tasks"]
+    done = json.loads((args.run_dir / "state.json").read_text())["completed"]
+    base, tokenizer = load_model(config.model, dtype=torch.float32)
+    model = METHODS["pmoe"](config).load(base, args.run_dir / "checkpoints" / f"task-{done - 1}").eval()
+    pieces, probs = token_routes(model, tokenizer, text)
+    console.print(route_text(pieces, probs, tasks[: probs.shape[-1]]))
+    out = args.out or args.run_dir / "route.html"
+    atomic_write_text(out, route_html(pieces, probs, tasks[: probs.shape[-1]], f"Routing of {args.run_dir.name}"))
+    console.print(f"\nwrote {out}")
+    return 0
