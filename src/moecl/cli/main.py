@@ -21,6 +21,7 @@ from moecl.cli.run import (
     compare_command,
     export_command,
     general_command,
+    report_command,
     route_command,
     run_command,
     seed_list,
@@ -173,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     general.add_argument("--batch-size", type=int, default=16, help="lm-eval's batch size (default: 16)")
     general.add_argument("--out", type=Path, help="also write the scores here as JSON")
     general.set_defaults(handler=general_command)
+    report = commands.add_parser(
+        "report",
+        help="one self-contained HTML page of a finished run: R with floors, OP/BWT, curves, allocation, general",
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run folder")
+    report.add_argument("--out", type=Path, help="the page to write (default: RUN_DIR/report.html)")
+    report.set_defaults(handler=report_command)
     route = commands.add_parser(
         "route",
         help="colour each token of a text by its top PMoE expert (seed 001 Fig. 5): terminal and HTML",

@@ -348,3 +348,11 @@ def route_command(args: argparse.Namespace, console: Console) -> int:
     atomic_write_text(out, route_html(pieces, probs, tasks[: probs.shape[-1]], f"Routing of {args.run_dir.name}"))
     console.print(f"\nwrote {out}")
     return 0
+
+
+def report_command(args: argparse.Namespace, console: Console) -> int:
+    from moecl.reports.report import write_report
+
+    out = write_report(args.run_dir, args.out)
+    console.print(f"wrote {out}")
+    return 0
