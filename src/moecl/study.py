@@ -149,3 +149,20 @@ def run_study(study: Study, out: Path, force: bool = False, console: Console | N
     return write_comparison(
         [out / e.folder for e in study.entries], out, [e.label for e in study.entries], study.reference
     )
+
+
+def sweep_study(spec: str, overrides: dict[str, Any], seeds: list[int]) -> tuple[str, Study]:
+    """``"tau=0.25,0.5"`` -> the option's name and a study of one entry per value (labels
+    ``tau=0.25``...), every other option from ``overrides``."""
+    name, sep, values = spec.partition("=")
+    name = name.strip().replace("-", "_")
+    if not sep or not values.strip():
+        raise ValueError(f"sweep {spec!r}: write OPTION=V1,V2,... (e.g. tau=0.25,0.5,0.75,0.9)")
+    entries = []
+    for value in (v.strip() for v in values.split(",") if v.strip()):
+        try:
+            config = config_from_options({**overrides, name: value})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"sweep {spec!r}: {name}={value}: {err}") from err
+        entries.append(StudyEntry(f"{name}={value}", config))
+    return name, Study(entries, seeds)

@@ -27,6 +27,7 @@ from moecl.cli.run import (
     seed_list,
     show_command,
     study_command,
+    sweep_command,
 )
 from moecl.theory.experiments import DEFAULT_RUNS, run_setting, settings_for, write_report
 
@@ -174,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     general.add_argument("--batch-size", type=int, default=16, help="lm-eval's batch size (default: 16)")
     general.add_argument("--out", type=Path, help="also write the scores here as JSON")
     general.set_defaults(handler=general_command)
+    sweep = commands.add_parser(
+        "sweep",
+        help="a study over one option (seed 001's Fig. 2 for tau): OP, BWT and cost against it, allocation at its ends",
+    )
+    sweep.add_argument(
+        "sweep", metavar="OPTION=V1,V2,...", help="the option and its values, e.g. tau=0.25,0.5,0.75,0.9"
+    )
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="other run options, the same for every value")
+    sweep.add_argument("--seeds", type=seed_list, metavar="S,S,...", help="seeds per value (default: 0)")
+    sweep.add_argument("--out", type=Path, help="sweep folder (default: runs/sweep-<option>)")
+    sweep.add_argument("--force", action="store_true", help="start every run folder over")
+    sweep.set_defaults(handler=sweep_command)
     report = commands.add_parser(
         "report",
         help="one self-contained HTML page of a finished run: R with floors, OP/BWT, curves, allocation, general",

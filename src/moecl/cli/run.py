@@ -356,3 +356,18 @@ def report_command(args: argparse.Namespace, console: Console) -> int:
     out = write_report(args.run_dir, args.out)
     console.print(f"wrote {out}")
     return 0
+
+
+def sweep_command(args: argparse.Namespace, console: Console) -> int:
+    from moecl.reports.compare import load_results
+    from moecl.reports.sweep import write_sweep
+    from moecl.study import run_study, slug, sweep_study
+
+    name, study = sweep_study(args.sweep, parse_overrides(args.overrides), args.seeds or [0])
+    out = args.out or Path("runs") / slug(f"sweep-{name}")
+    text = run_study(study, out, force=args.force, console=console)
+    columns = [(e.label, [r for _, r in load_results(out / e.folder)]) for e in study.entries]
+    write_sweep(name, columns, out)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {out}/sweep.png, sweep.json, compare.md")
+    return 0

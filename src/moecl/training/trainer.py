@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +89,7 @@ def train_task(
     ddp_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ddp_model.train()
     keep_logits = "logits_to_keep" in inspect.signature(base_forward(model)).parameters
+    started = time.perf_counter()
     for _epoch in range(config.epochs):
         for batch in loader:
             micro += 1
@@ -146,6 +148,7 @@ def train_task(
         "tokens": tokens * accelerator.num_processes,
         "last_loss": last_loss,
         "planned_steps": total_steps,
+        "seconds": round(time.perf_counter() - started, 2),  # this process's training time (a resume: since it)
     }
 
 
