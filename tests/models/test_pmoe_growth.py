@@ -139,3 +139,17 @@ def test_growth_options_are_checked():
         PMoEConfig(expert_init="clone")
     with pytest.raises(ValueError, match="router_share is the new expert's gate"):
         PMoEConfig(router_share=1.0)
+
+
+def test_detached_router_input_keeps_routing_losses_out_of_the_shallow_lora():
+    grads = {}
+    for detach in (False, True):
+        pmoe = _pmoe(2, router_detach=detach)
+        perturb_adapters(pmoe, scale=0.4)
+        probs = pmoe(input_ids=random_tokens(2, 6)) and pmoe.gate.probs
+        (-probs[..., 1].log().mean()).backward()  # a routing loss alone (Eq. 7 towards expert 2)
+        shallow = [m.lora_B.grad for m in pmoe.modules() if type(m).__name__ == "LoRALinear"]
+        grads[detach] = (shallow, pmoe.router.weight.grad)
+    assert any(g is not None and torch.count_nonzero(g) > 0 for g in grads[False][0])
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in grads[True][0])
+    assert torch.count_nonzero(grads[True][1]) > 0  # the router itself still learns

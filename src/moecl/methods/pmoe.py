@@ -43,6 +43,7 @@ class PMoEMethod(Method):
                 router_share=c.router_share,
                 freeze_router=c.freeze_router,
                 router_align=c.router_align,
+                router_detach=c.router_detach,
             )
             if self.gate == "router"
             else {}

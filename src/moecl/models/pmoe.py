@@ -122,7 +122,8 @@ class PMoEModel(AdapterModel):
         self._set_gate(hidden)
 
     def _set_gate(self, hidden: torch.Tensor) -> None:
-        self.gate.probs = self.router(hidden) if self.num_experts else None
+        routed = hidden.detach() if self.config.router_detach else hidden
+        self.gate.probs = self.router(routed) if self.num_experts else None
         self._hidden_tau = hidden if self._keep_hidden else None
 
     def _set_fixed_gate(self) -> None:

@@ -49,6 +49,10 @@ class PMoEConfig:
         router_align: at the end of each task rescale the newest column to the mean norm of the
             older non-zero ones (PyCIL's weight aligning, against the newest column taking every
             input under a small replay memory).
+        router_detach: ``True`` (ours): the router reads ``h_tau`` without passing gradients back
+            into the shallow blocks, so routing losses (Eq. 7, distillation) train the router only
+            and cannot bend the shared shallow LoRA towards task-identifying features. ``False``
+            (the paper): one graph.
     """
 
     tau: int | float = 0.75
@@ -63,6 +67,7 @@ class PMoEConfig:
     router_share: float = 0.5
     freeze_router: bool = False
     router_align: bool = False
+    router_detach: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (("gate", GATES), ("expert_init", EXPERT_INITS), ("router_init", ROUTER_INITS)):

@@ -112,6 +112,11 @@ class RunConfig:
     router_align: bool = _opt(
         False, "PMoE: after each task rescale the newest router column to the older columns' mean norm"
     )
+    router_detach: bool = _opt(
+        False,
+        "PMoE: the router's input h_tau is detached, so routing losses train the router only, not the shallow "
+        "LoRA (off: the paper's single graph)",
+    )
     lambda_route_distill: float = _opt(
         0.0,
         "PMoE: weight of routing distillation, KL(task's stored mean gate || gate) on replayed examples; 0 = off",
@@ -222,6 +227,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         router_init="zero",
         freeze_router=False,
         router_align=False,
+        router_detach=False,
         lambda_route=0.0,
         lambda_route_distill=0.0,
         router_lr=None,
