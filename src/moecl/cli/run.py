@@ -205,6 +205,10 @@ def show_command(args: argparse.Namespace, console: Console) -> int:
         console.print("router allocation (task x expert): ")
         for name, row in zip(results["tasks"], results["router_allocation"], strict=True):
             console.print(f"  {name:<16} " + " ".join(f"{x:.2f}" for x in row))
+    if results.get("general"):
+        from moecl.training.run import general_table
+
+        console.print(general_table(results, f"general ability ({results.get('general_suite')} suite)"))
     if results.get("capacity"):  # MoSEs
         console.print("adapter elements after each task: " + ", ".join(f"{c:,}" for c in results["capacity"]))
         accuracy = results["task_inference"]["accuracy"]

@@ -128,21 +128,37 @@ def _cell(values: list[float], digits: int = 1) -> str:
     return f"{mean:.{digits}f}" if half is None else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def floor_rows(columns: list[MethodRuns]) -> dict[str, list[float | None]]:
-    """The floors beside the table: per row (tasks, then OP), the majority and zero-shot scores
-    (means over the first column's seeds; the floors are the stream's, not the method's)."""
-    out: dict[str, list[float | None]] = {}
+def floor_rows(columns: list[MethodRuns]) -> dict[str, dict[str, float | None]]:
+    """The floors beside the table, per row name: the majority and zero-shot scores of every task
+    and their mean beside OP (means over the first column's seeds; the floors are the stream's,
+    not the method's); beside a general-ability row, the base model's score as its zero-shot."""
+    out: dict[str, dict[str, float | None]] = {}
     for kind in ("majority", "zero_shot"):
         per_task = [float(np.mean(v)) if v else None for v in columns[0].floors(kind)]
         known = [v for v in per_task if v is not None]
         op = sum(known) / len(known) if len(known) == len(per_task) else None
-        out[kind] = [*per_task, op]
+        out[kind] = {**dict(zip(columns[0].tasks, per_task, strict=True)), "OP": op}
+    for r in (r for c in columns for r in c.results if r.get("general")):
+        for bench, g in r["general"].items():
+            out["zero_shot"].setdefault(f"{bench} (general)", g["before"])  # the same items for every run
     return out
 
 
 def table_rows(columns: list[MethodRuns]) -> list[tuple[str, list[list[float]]]]:
-    """``(row name, per column the values over seeds)``: tasks, then OP, BWT, trainable share."""
-    rows = [(task, [c.final(task) for c in columns]) for task in columns[0].tasks]
+    """``(row name, per column the values over seeds)``: general ability after the stream and
+    Delta R^G when runs scored it (Table 1's upper half), then tasks, OP, BWT, trainable share."""
+    rows = []
+    benchmarks = sorted({b for c in columns for r in c.results for b in (r.get("general") or {})})
+    for bench in benchmarks:
+        rows.append(
+            (
+                f"{bench} (general)",
+                [[r["general"][bench]["after"] for r in c.results if r.get("general")] for c in columns],
+            )
+        )
+    if benchmarks:
+        rows.append(("Δ R^G", [[r["delta_RG"] for r in c.results if r.get("general")] for c in columns]))
+    rows += [(task, [c.final(task) for c in columns]) for task in columns[0].tasks]
     rows.append(("OP", [c.values("OP") for c in columns]))
     rows.append(("BWT", [c.values("BWT") for c in columns]))
     share = [[100 * r["trainable_params"] / r["total_params"] for r in c.results] for c in columns]
@@ -159,10 +175,9 @@ def markdown(columns: list[MethodRuns], paired: dict[str, Any] | None = None) ->
     cells are mean ± 95% CI over seeds. With ``paired``, a second table of differences."""
     floors = floor_rows(columns)
     rows = []
-    for r, (name, values) in enumerate(table_rows(columns)):
+    for name, values in table_rows(columns):
         floor_cells = [
-            "–" if r >= len(floors["majority"]) or floors[k][r] is None else f"{floors[k][r]:.1f}"
-            for k in ("majority", "zero_shot")
+            "–" if floors[k].get(name) is None else f"{floors[k][name]:.1f}" for k in ("majority", "zero_shot")
         ]
         digits = {"trainable %": 3, "OP": 2, "BWT": 2, "diagonal mass": 2, "own expert after own task": 2}.get(name, 1)
         rows.append([name, *floor_cells, *(_cell(v, digits) for v in values)])
@@ -173,7 +188,8 @@ def markdown(columns: list[MethodRuns], paired: dict[str, Any] | None = None) ->
         "mean alone. majority / zero-shot: the floors (always the most frequent training answer; the base "
         "model without training) on the same items. Routed methods: diagonal mass = mean over tasks of the "
         "gate on their own expert at the end; own expert after own task = expert k's gate on task k right "
-        "after task k, mean over k >= 2.\n"
+        "after task k, mean over k >= 2. General rows (when runs scored general ability): the score after the "
+        "stream, the base model's beside it as zero-shot, and Delta R^G (Eq. 6).\n"
     )
     if paired:
         text += "\n" + paired_markdown(paired)
@@ -222,11 +238,8 @@ def csv_text(columns: list[MethodRuns]) -> str:
         ["row", "majority", "zero_shot", *(f"{c.label} {part}" for c in columns for part in ("mean", "ci95", "n"))]
     )
     floors = floor_rows(columns)
-    for r, (name, values) in enumerate(table_rows(columns)):
-        cells = [
-            "" if r >= len(floors[k]) or floors[k][r] is None else f"{floors[k][r]:.4f}"
-            for k in ("majority", "zero_shot")
-        ]
+    for name, values in table_rows(columns):
+        cells = ["" if floors[k].get(name) is None else f"{floors[k][name]:.4f}" for k in ("majority", "zero_shot")]
         for v in values:
             mean, half = mean_ci(v) if v else (None, None)
             cells += ["" if mean is None else f"{mean:.4f}", "" if half is None else f"{half:.4f}", len(v)]
