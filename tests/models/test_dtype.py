@@ -43,3 +43,23 @@ def test_a_bf16_run_trains_and_scores(tmp_path, monkeypatch):
     assert len(results["R"]) == 2 and all(v is not None for v in results["R"][-1])
     losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_gradient_checkpointing_trains_to_the_same_losses(tmp_path, monkeypatch):
+    from moecl.models.adapter_model import AdapterModel
+
+    enabled = []
+    real = AdapterModel.gradient_checkpointing_enable
+
+    def spy(self, **kw):
+        real(self, **kw)
+        enabled.append(getattr(self.base_model, "is_gradient_checkpointing", True))
+
+    monkeypatch.setattr(AdapterModel, "gradient_checkpointing_enable", spy)
+    losses = {}
+    for flag in (False, True):
+        tasks = ["sentiment", "parity"]
+        _, out = tiny_run(tmp_path, monkeypatch, f"gc-{flag}", gradient_checkpointing=flag, tasks=tasks)
+        losses[flag] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert enabled == [True]  # only the run that asked for it
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)

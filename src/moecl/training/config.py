@@ -60,6 +60,9 @@ class RunConfig:
     max_answer_tokens: int = _opt(64, "answers are truncated to this many tokens in training")
     max_new_tokens: int | None = _opt(None, "generation length at evaluation (default: longest training answer + 4)")
     eval_batch_size: int = _opt(16, "prompts per generation batch")
+    gradient_checkpointing: bool = _opt(
+        False, "recompute the base model's block activations in the backward pass: less memory, ~30% more time"
+    )
     save_every: int = _opt(
         0,
         "also checkpoint every N optimizer steps inside a task (model, optimizer, schedule, RNG, data position), "

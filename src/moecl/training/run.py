@@ -317,6 +317,8 @@ class Run:
             memory = ReplayMemory(cfg.replay, cfg.seed)
         self._trim_log()
         model.to(acc.device)
+        if cfg.gradient_checkpointing and self.method.trains:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         collator = Collator(tokenizer, cfg.max_prompt_tokens, cfg.max_answer_tokens)
         with self.progress() as progress:
             if cfg.eval_all_tasks and self.state["zero_shot"] is None:
