@@ -93,3 +93,14 @@ def test_shipped_table1_study_resolves(tmp_path):
     lora_re = next(e.config for e in study.entries if e.label == "LoRA-RE")
     assert lora_re.method == "seq-lora" and lora_re.replay == 0.01
     assert study.reference == "LoRA-RE" and len(study.seeds) >= 3
+
+
+@pytest.mark.parametrize(
+    "command", ["run", "show", "compare", "study", "general", "sweep", "report", "route", "export", "theory"]
+)
+def test_every_commands_help_prints(command, capsys):
+    from moecl.cli.main import main
+
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0 and "usage: moecl" in capsys.readouterr().out
