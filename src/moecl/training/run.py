@@ -128,9 +128,10 @@ class Run:
         tasks: list[Task],
         console: Console | None = None,
         progress: Progress | None = None,
+        replay_extra: list[Example] | None = None,
     ):
         self.config, self.out, self.tasks = config, out, tasks
-        self.replay_extra = load_replay_extra(config)
+        self.replay_extra = replay_extra or []  # --replay-extra's examples (read and checked by run())
         self.shared_progress = progress  # a caller's live progress display (a study's) to add bars to
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = resolve_dtype(config.dtype, device)
@@ -564,7 +565,7 @@ def run(
     """Validate the data, check the run folder, then train and evaluate over the whole stream.
     ``progress``: a live display to add this run's bars to (a study's)."""
     tasks = load_tasks(config)  # every file is validated before anything is created or trained
-    load_replay_extra(config)
+    replay_extra = load_replay_extra(config)
     # Only the main process holds the lock; the other ranks of `accelerate launch` are its helpers.
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process  # as the run's Accelerator sees it
     lock = RunLock(out) if main else contextlib.nullcontext()
@@ -575,4 +576,4 @@ def run(
                 "taking the folder over"
             )
         prepare_out(out, config, force)
-        return Run(config, out, tasks, console, progress).execute()
+        return Run(config, out, tasks, console, progress, replay_extra).execute()

@@ -108,7 +108,6 @@ def train_task(
                         "is the last completed task's (running the same command resumes from it); lower --lr or "
                         "check this task's data"
                     )
-                extra = method.step_log(model, batch)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -117,6 +116,7 @@ def train_task(
                 schedule.step()
                 step += 1
                 last_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
+                extra = method.step_log(model, batch)  # only on logged steps: it reads values back
                 log(
                     {
                         "task": task_index,
