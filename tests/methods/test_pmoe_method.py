@@ -49,7 +49,7 @@ def test_a_run_records_allocation_per_phase_and_the_newest_gate(tmp_path, monkey
     phases = results["router_allocation_phases"]
     assert [len(m) for m in phases] == [1, 2, 3] and [len(m[-1]) for m in phases] == [1, 2, 3]
     assert phases[0] == [[1.0]] and results["router_allocation"] == phases[-1]
-    assert results["diagonal_mass_phases"][-1] == pytest.approx(sum(phases[-1][k][k] for k in range(3)) / 3)
+    assert results["diagonal_mass_phases"][-1] == pytest.approx(sum(phases[-1][k][k] for k in range(3)) / 3, abs=1e-6)
     assert len(results["router_entropy_phases"][2]) == 3
     assert (out / "router_allocation.png").stat().st_size > 0
     steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

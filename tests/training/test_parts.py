@@ -56,3 +56,26 @@ def test_answer_loss_equals_the_models_own_label_loss(keep):
     batch = Collator(tok, 32, 8)([(0, Example("a long prompt here", "ans")), (0, Example("hi", "longer answer"))])
     expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     torch.testing.assert_close(answer_loss(model, batch, keep), expected)
+
+
+def test_length_grouped_batches_cover_every_example_once_per_epoch_with_less_padding():
+    from moecl.training.batches import LengthGroupedBatches
+
+    lengths = [int(x) for x in torch.randint(5, 300, (203,), generator=torch.Generator().manual_seed(1))]
+
+    def epochs(window: int, seed: int = 0, count: int = 3) -> list[list[list[int]]]:
+        sampler = LengthGroupedBatches(lengths, 8, torch.Generator().manual_seed(seed), window)
+        return [list(sampler) for _ in range(count)]
+
+    def padding(batches: list[list[int]]) -> float:
+        real = sum(lengths[i] for b in batches for i in b)
+        return 1 - real / sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    grouped, shuffled = epochs(8), epochs(1)
+    for epoch in grouped + shuffled:
+        assert sorted(i for b in epoch for i in b) == list(range(203))  # every example, once
+        assert len(epoch) == len(LengthGroupedBatches(lengths, 8, torch.Generator(), 8)) == 26  # ceil(203 / 8)
+        assert all(1 <= len(b) <= 8 for b in epoch)
+    assert grouped[0] != grouped[1]  # a new order each epoch
+    assert epochs(8) == grouped and epochs(8, seed=1) != grouped  # a pure function of the seed
+    assert padding([b for e in grouped for b in e]) < 0.5 * padding([b for e in shuffled for b in e])

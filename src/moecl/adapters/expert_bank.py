@@ -15,11 +15,11 @@ optimizer can see them (not even AdamW's weight decay) and they stay bit-identic
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moecl.adapters.lora import adapter_dtype, init_lora_pair, linear_features, make_dropout
 from moecl.adapters.router import GateState
+from moecl.onednn import linear
 
 
 class LoRAExpertBank(nn.Module):
@@ -93,11 +93,11 @@ class LoRAExpertBank(nn.Module):
     def delta(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Fused mixture for ``x (..., in)`` and ``gate (..., T)`` -> ``(..., out)``."""
         a_cat, b_cat = self.stacked_weights()
-        z = F.linear(self.dropout(x.to(a_cat.dtype)), a_cat)  # (..., T*r)
+        z = linear(self.dropout(x.to(a_cat.dtype)), a_cat)  # (..., T*r)
         g = gate.to(device=z.device, dtype=z.dtype) * self.scaling  # (..., T), or (1, 1, T) if fixed
         # Scale each expert's r intermediate channels by its gate: view (..., T, r), no copy of g.
         z = (z.unflatten(-1, (self.num_experts, self.rank)) * g.unsqueeze(-1)).flatten(-2)
-        return F.linear(z, b_cat)  # (..., out)
+        return linear(z, b_cat)  # (..., out)
 
     def reference_delta(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """The same mixture as :meth:`delta`, one expert at a time; slow, obvious, for tests."""

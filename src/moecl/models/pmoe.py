@@ -16,8 +16,9 @@ tokens it processes.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -62,6 +63,7 @@ class PMoEModel(AdapterModel):
         self._num_experts = 0
         self._active_task = 0
         self._keep_hidden, self._hidden_tau = False, None  # h_tau of a probe (see add_task)
+        self._recording, self._recorded = False, None  # a pass's first gate (see recording_gates)
         self.router: Router | None = (
             Router(
                 hidden_size(base_model),
@@ -125,6 +127,8 @@ class PMoEModel(AdapterModel):
         routed = hidden.detach() if self.config.router_detach else hidden
         self.gate.probs = self.router(routed) if self.num_experts else None
         self._hidden_tau = hidden if self._keep_hidden else None
+        if self._recording and self._recorded is None:
+            self._recorded = self.gate.probs.detach()
 
     def _set_fixed_gate(self) -> None:
         """``(1, 1, experts)`` weights broadcast over every token: all ones, or one-hot of the task."""
@@ -213,6 +217,28 @@ class PMoEModel(AdapterModel):
             raise ValueError("the model has no experts yet; call add_task() first")
         self.forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **self._skip_logits())
         return self.gate.probs.detach().clone()
+
+    @contextlib.contextmanager
+    def recording_gates(self) -> Iterator[Callable[[], torch.Tensor | None]]:
+        """Keep the gate of the first forward pass after each call of the yielded ``take``.
+
+        ``take()`` returns that gate, ``(batch, seq, num_experts)``, and arms the next one. Around
+        ``generate()`` the first pass is the prompt's (the prefill; later passes see one new
+        token each), so evaluation reads where the router sends every prompt token without a
+        second forward pass over the prompts.
+        """
+        if self.router is None:
+            raise ValueError(f"this model has the fixed {self.config.gate!r} gate, no router")
+
+        def take() -> torch.Tensor | None:
+            gate, self._recorded = self._recorded, None
+            return gate
+
+        self._recording, self._recorded = True, None
+        try:
+            yield take
+        finally:
+            self._recording, self._recorded = False, None
 
     # -- persistence ---------------------------------------------------------------------------
 

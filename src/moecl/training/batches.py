@@ -1,13 +1,16 @@
-"""Prompt + answer examples to token batches: loss on answer tokens only, left padding."""
+"""Prompt + answer examples to token batches: loss on answer tokens only, left padding; the
+order in which a task's examples are batched (shuffled, and grouped by length)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Sampler
 from transformers import PreTrainedTokenizerBase
 
 from moecl.data.trace import Example
@@ -31,6 +34,11 @@ class Collator:
         answer = self.tokenizer(example.answer, add_special_tokens=False)["input_ids"][: self.max_answer_tokens]
         return prompt, answer + [self.tokenizer.eos_token_id]
 
+    def length(self, example: Example) -> int:
+        """Tokens the example takes in a batch (prompt, answer and EOS, after truncation)."""
+        prompt, answer = self.encode(example)
+        return len(prompt) + len(answer)
+
     def __call__(self, items: list[tuple[int, Example]]) -> dict[str, torch.Tensor]:
         encoded = [self.encode(e) for _, e in items]
         width = max(len(p) + len(a) for p, a in encoded)
@@ -50,6 +58,46 @@ class Collator:
             "labels": labels,
             "task_ids": torch.tensor([t for t, _ in items], dtype=torch.long),
         }
+
+
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Micro-batches of examples of similar length: each epoch every example once, little padding.
+
+    One epoch: a seeded permutation of all examples is cut into windows of ``window`` micro-batches;
+    each window is sorted by length and cut into micro-batches of ``batch_size``; the micro-batches
+    of the whole epoch are then shuffled, so long and short ones alternate through training. Like
+    ``DataLoader(shuffle=True)``, an epoch holds every example exactly once (the last micro-batch
+    of a window may be smaller) and the order is a pure function of the generator's seed: a
+    resumed run that replays the loader from the task's start sees the same batches.
+
+    Sorting inside windows, not the whole epoch, keeps the batches random (which examples meet
+    depends on the permutation) while removing most padding: left padding costs every padded
+    position a full forward and backward pass.
+
+    Args:
+        lengths: each example's length in tokens (:meth:`Collator.length`).
+        batch_size: examples per micro-batch.
+        generator: the seeded generator the permutations are drawn from.
+        window: micro-batches per sorted window; 1 gives plain shuffled batches.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator, window: int = 8):
+        self.lengths, self.batch_size, self.generator, self.window = lengths, batch_size, generator, window
+
+    def __len__(self) -> int:
+        span = self.batch_size * self.window
+        full, rest = divmod(len(self.lengths), span)
+        return full * self.window + -(-rest // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        span = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), span):
+            window = sorted(order[start : start + span], key=lambda i: self.lengths[i])
+            batches += [window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+        shuffled = torch.randperm(len(batches), generator=self.generator).tolist()
+        return iter([batches[i] for i in shuffled])
 
 
 def answer_loss(

@@ -60,6 +60,12 @@ class RunConfig:
     max_answer_tokens: int = _opt(64, "answers are truncated to this many tokens in training")
     max_new_tokens: int | None = _opt(None, "generation length at evaluation (default: longest training answer + 4)")
     eval_batch_size: int = _opt(16, "prompts per generation batch")
+    length_window: int = _opt(
+        8,
+        "training batches: sort each seeded window of this many micro-batches by length, so a micro-batch holds "
+        "examples of similar length and little padding (every epoch still sees every example once, in a seeded "
+        "order); 1: plain shuffled micro-batches, as runs made before this option",
+    )
     gradient_checkpointing: bool = _opt(
         False, "recompute the base model's block activations in the backward pass: less memory, ~30% more time"
     )
@@ -170,8 +176,8 @@ class RunConfig:
                 raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
         if self.benchmark == "trace" and not self.data_dir:
             raise ValueError("--benchmark trace reads TRACE's files: pass --data-dir DIR")
-        if self.batch_size < 1 or self.micro_batch_size < 1 or self.epochs < 1:
-            raise ValueError("batch_size, micro_batch_size and epochs must be at least 1")
+        if self.batch_size < 1 or self.micro_batch_size < 1 or self.epochs < 1 or self.length_window < 1:
+            raise ValueError("batch_size, micro_batch_size, epochs and length_window must be at least 1")
         if not 0 <= self.replay <= 1:
             raise ValueError(f"replay is a fraction in [0, 1], got {self.replay}")
 

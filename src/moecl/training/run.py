@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from moecl.data.trace import DataError, Example, Task, load_benchmark, read_spli
 from moecl.evaluation.continual import backward_transfer, forward_transfer, overall_performance
 from moecl.evaluation.floors import ZeroShotCache, majority_score, zero_shot_key
 from moecl.evaluation.general import BenchmarkScore, base_scores, paired, score_suite
-from moecl.evaluation.generation import generate, max_new_tokens_for, prompt_batches, score_predictions
+from moecl.evaluation.generation import generate, max_new_tokens_for, score_predictions
 from moecl.evaluation.routing import Allocation, gate_summary
 from moecl.io import atomic_write_json, atomic_write_text
 from moecl.methods import METHODS
@@ -166,7 +167,7 @@ class Run:
         shutil.rmtree(tmp, ignore_errors=True)
         self.method.save(model, tmp)
         torch.save({k: snapshot[k] for k in ("optimizer", "schedule", "torch_rng")}, tmp / "trainer_state.pt")
-        position = {k: snapshot[k] for k in ("step", "micro", "tokens", "last_loss", "python_rng")}
+        position = {k: snapshot[k] for k in ("step", "micro", "tokens", "padded", "last_loss", "python_rng")}
         atomic_write_json(tmp / "position.json", {"task": t, **position})
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
@@ -198,16 +199,33 @@ class Run:
     # -- evaluation ---------------------------------------------------------------------------
 
     def evaluate(
-        self, model: torch.nn.Module, tokenizer, task: Task, progress: Progress | None, label: str, plain: bool = False
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        task: Task,
+        progress: Progress | None,
+        label: str,
+        plain: bool = False,
+        take_gates: Callable[[], torch.Tensor | None] | None = None,
+        gates: list[list[float]] | None = None,
     ) -> tuple[float, list[dict]]:
         """Score on ``task``'s scored split (``eval_split``); the examples are split across processes.
-        ``plain``: the prompts as they are (the base model's zero-shot floor), not the method's."""
+        ``plain``: the prompts as they are (the base model's zero-shot floor), not the method's.
+        With ``take_gates`` (a method's :meth:`~moecl.methods.base.Method.recording_gates`), every
+        example's mean gate over its prompt tokens and mean gate entropy, ``[g_1..g_T, H]``, are
+        appended to ``gates``, read from the generation's own forward pass."""
         acc, method = self.accelerator, self.method
         prompts_for = (lambda task, prompts, tok: prompts) if plain else method.eval_prompts
         prompt_tokens = self.config.max_prompt_tokens if plain else method.prompt_tokens()
         progress = progress or Progress(disable=True)
         split = task.split(self.config.eval_split)
         bar = progress.add_task(f"eval {task.name} {label}", total=len(split))
+        local_gates: list[list[float]] = []
+
+        def record(batch: dict[str, torch.Tensor]) -> None:
+            means, entropy = gate_summary(take_gates(), batch["attention_mask"])
+            local_gates.extend(torch.cat([means, entropy[:, None]], 1).tolist())
+
         with acc.split_between_processes(list(range(len(split)))) as part:
             examples = [split[i] for i in part]
             raw = generate(
@@ -218,9 +236,12 @@ class Run:
                 prompt_tokens,
                 self.config.eval_batch_size,
                 lambda n: progress.advance(bar, n * acc.num_processes),
+                record if take_gates is not None else None,
             )
             local = [asdict(p) for p in score_predictions(task, examples, raw)]
         preds = gather(acc, local)
+        if take_gates is not None:
+            gates.extend(gather(acc, local_gates))
         progress.remove_task(bar)
         return sum(p["score"] for p in preds) / len(preds), preds
 
@@ -254,35 +275,30 @@ class Run:
                         cache.put(keys[task.name], cfg.model, task.name, value, n)
         return floors
 
-    def evaluate_row(self, model, tokenizer, upto: int, progress: Progress, label: str) -> list[float | None]:
+    def evaluate_row(
+        self, model, tokenizer, upto: int, progress: Progress, label: str, allocation: Allocation | None = None
+    ) -> list[float | None]:
+        """R's row: tasks ``0..upto`` scored (all with ``eval_all_tasks``). With ``allocation``, a
+        routed method's gates on tasks ``0..upto``, read during their generation, join it as rows
+        (where the router sends each task: :mod:`moecl.evaluation.routing`)."""
         last = len(self.tasks) - 1 if self.config.eval_all_tasks else upto
         row: list[float | None] = [None] * len(self.tasks)
-        for i in range(last + 1):
-            self.method.before_eval(model, i)
-            row[i], preds = self.evaluate(model, tokenizer, self.tasks[i], progress, label)
-            if self.main:
-                body = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
-                atomic_write_text(self.out / "predictions" / label / f"{self.tasks[i].name}.jsonl", body)
+        recording = self.method.recording_gates(model) if allocation is not None else contextlib.nullcontext()
+        with recording as take:
+            for i in range(last + 1):
+                self.method.before_eval(model, i)
+                gates: list[list[float]] = []
+                take_i = take if i <= upto else None
+                row[i], preds = self.evaluate(
+                    model, tokenizer, self.tasks[i], progress, label, take_gates=take_i, gates=gates
+                )
+                if take_i is not None:
+                    table = torch.tensor(gates)  # (examples, experts + 1)
+                    allocation.add_task([(table[:, :-1], table[:, -1])])
+                if self.main:
+                    body = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
+                    atomic_write_text(self.out / "predictions" / label / f"{self.tasks[i].name}.jsonl", body)
         return row
-
-    @torch.no_grad()
-    def router_allocation(self, model, tokenizer, upto: int) -> dict[str, Any] | None:
-        """Where the router sends tasks ``0..upto`` now: the mean gate per (task, expert) over each
-        scored split's prompt tokens, per-token entropy and diagonal mass (see
-        :mod:`moecl.evaluation.routing`); ``None`` without a router."""
-        allocation = Allocation()
-        for task in self.tasks[: upto + 1]:
-            prompts = [e.prompt for e in task.split(self.config.eval_split)]
-            summaries = []
-            for batch in prompt_batches(
-                tokenizer, prompts, self.config.max_prompt_tokens, self.config.eval_batch_size, self.accelerator.device
-            ):
-                probs = self.method.router_gates(model, batch["input_ids"], batch["attention_mask"])
-                if probs is None:
-                    return None
-                summaries.append(gate_summary(probs, batch["attention_mask"]))
-            allocation.add_task(summaries)
-        return allocation.to_json()
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -356,9 +372,10 @@ class Run:
                 self.method.after_task(model, t, own, collator)
                 for i in phases[t]:
                     memory.add_task(i, self.tasks[i].train)
-                row = self.evaluate_row(model, tokenizer, phases[t][-1], progress, f"after-task-{t}")
+                gates = Allocation()
+                row = self.evaluate_row(model, tokenizer, phases[t][-1], progress, f"after-task-{t}", gates)
                 self.state["R"].append(row)
-                allocation = self.router_allocation(model, tokenizer, phases[t][-1])
+                allocation = gates.to_json() if gates.matrix else None
                 if allocation is not None:
                     self.state.setdefault("allocation", []).append(allocation)
                 self.state["train"].append({"task": name, "examples": len(items) if self.method.trains else 0, **stats})

@@ -21,7 +21,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from moecl.data.trace import Example
 from moecl.methods.base import Method
-from moecl.training.batches import Collator, answer_loss
+from moecl.training.batches import Collator, LengthGroupedBatches, answer_loss
 from moecl.training.config import RunConfig
 
 
@@ -71,20 +71,26 @@ def train_task(
     """
     accum = accumulation_steps(config, accelerator.num_processes)
     generator = torch.Generator().manual_seed(random.Random(f"order:{config.seed}:{task_index}").randrange(2**31))
-    loader = DataLoader(
-        items, batch_size=config.micro_batch_size, shuffle=True, generator=generator, collate_fn=collator
-    )
+    if config.length_window > 1:
+        lengths = [collator.length(example) for _, example in items]
+        batches = LengthGroupedBatches(lengths, config.micro_batch_size, generator, config.length_window)
+        loader = DataLoader(items, batch_sampler=batches, collate_fn=collator)
+    else:
+        loader = DataLoader(
+            items, batch_size=config.micro_batch_size, shuffle=True, generator=generator, collate_fn=collator
+        )
     micro_per_epoch = math.ceil(len(items) / (config.micro_batch_size * accelerator.num_processes))
     total_steps = max(1, math.ceil(micro_per_epoch * config.epochs / accum))
     optimizer = torch.optim.AdamW(method.parameter_groups(model), lr=config.lr, weight_decay=config.weight_decay)
     # The schedule is stepped by hand once per optimizer step (not handed to accelerate, which
     # would step it once per process).
     schedule = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
-    step, micro, tokens, last_loss = 0, 0, 0, float("nan")
+    step, micro, tokens, padded, last_loss = 0, 0, 0, 0, float("nan")
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
         step, tokens, last_loss = resume["step"], resume["tokens"], resume["last_loss"]
+        padded = resume.get("padded", tokens)  # checkpoints from before the padding count: none counted
     accelerator.gradient_accumulation_steps = accum
     ddp_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ddp_model.train()
@@ -112,6 +118,7 @@ def train_task(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             tokens += int(batch["attention_mask"].sum())
+            padded += batch["attention_mask"].numel()
             if accelerator.sync_gradients:
                 schedule.step()
                 step += 1
@@ -134,6 +141,7 @@ def train_task(
                             "step": step,
                             "micro": micro,
                             "tokens": tokens,
+                            "padded": padded,
                             "last_loss": last_loss,
                             "optimizer": optimizer.state_dict(),
                             "schedule": schedule.state_dict(),
@@ -146,6 +154,7 @@ def train_task(
     return {
         "steps": step,
         "tokens": tokens * accelerator.num_processes,
+        "padding": round(1 - tokens / padded, 4) if padded else 0.0,  # share of computed positions that were padding
         "last_loss": last_loss,
         "planned_steps": total_steps,
         "seconds": round(time.perf_counter() - started, 2),  # this process's training time (a resume: since it)

@@ -1,0 +1,220 @@
+"""How close training and evaluation come to this machine's limit, on the default stream.
+
+    python benchmarks/throughput.py               # about 6 minutes on 2 cores
+    python benchmarks/throughput.py --rounds 1    # quicker, noisier
+
+One process, three measurements:
+
+(a) the float32 matmul rate at the model's projection shapes (every linear layer of a block, as
+    many rows as a training micro-batch has tokens), through PyTorch's default kernel (MKL on
+    this CPU) and through oneDNN; the machine's limit is the faster of the two;
+(b) PMoE training steps (``moecl.training.trainer.train_task``: forward, router losses, backward,
+    AdamW) on SmolLM2-135M (the real one when cached, else a random model of its shape) over
+    samples of the default stream's training examples, counting real (unpadded) tokens;
+(c) greedy generation on the default stream's test prompts: prompts/s and new tokens/s.
+
+(b) and (c) run two variants interleaved round by round: ``before`` (shuffled micro-batches,
+every product on PyTorch's default kernel: the code before issue 14) and ``now`` (length-grouped
+micro-batches, products on oneDNN). Model FLOPs count ``2 N`` per token forward and ``2 N``
+backward (the frozen base needs input gradients only), ``N`` the base model's non-embedding
+weights. The last line is ``train_mfu = X.XX``: ``now``'s real-token model FLOP rate over the
+machine's limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from moecl import onednn
+from moecl.data.trace import Example, Task
+from moecl.evaluation.generation import generate
+from moecl.methods import METHODS
+from moecl.models.loading import byte_tokenizer, load_model
+from moecl.training.batches import Collator, LengthGroupedBatches
+from moecl.training.config import RunConfig
+from moecl.training.run import load_tasks, make_accelerator
+from moecl.training.trainer import train_task
+
+VARIANTS = {"before": {"length_window": 1, "onednn": False}, "now": {"length_window": 8, "onednn": True}}
+
+
+@contextlib.contextmanager
+def kernels(use_onednn: bool) -> Iterator[None]:
+    saved = onednn.ENABLED
+    onednn.ENABLED = use_onednn and saved
+    try:
+        yield
+    finally:
+        onednn.ENABLED = saved
+
+
+def smollm2():
+    """SmolLM2-135M and its tokenizer; a random model of its shape where the weights are missing."""
+    try:
+        return (*load_model("smollm2-135m"), "SmolLM2-135M")
+    except ValueError:
+        config = LlamaConfig(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+            max_position_embeddings=2048,
+        )
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+        onednn.use_onednn(model)
+        tokenizer = byte_tokenizer()
+        tokenizer.padding_side = "left"
+        return model, tokenizer, "random SmolLM2-135M-shaped Llama (weights not cached)"
+
+
+def non_embedding_params(model: nn.Module) -> int:
+    """Weights of the blocks' linear layers: the ``N`` of ``2 N`` FLOPs per token and pass."""
+    head = model.get_output_embeddings()
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_rates(model: nn.Module, rows: int, rounds: int) -> dict[str, float]:
+    """GFLOP/s of one block's linear products for ``rows`` tokens, FLOP-weighted over the block."""
+    block = model.get_decoder().layers[0]
+    shapes = [m.weight.shape for m in block.modules() if isinstance(m, nn.Linear)]
+    out = {}
+    for name, use in (("PyTorch default (MKL here)", False), ("oneDNN", True)):
+        total_flops = total_time = 0.0
+        with kernels(use), torch.no_grad():
+            for out_features, in_features in shapes:
+                x, w = torch.randn(rows, in_features), torch.randn(out_features, in_features)
+                total_time += best_of(lambda x=x, w=w: onednn.linear(x, w), 5 * rounds)
+                total_flops += 2 * rows * in_features * out_features
+        out[name] = total_flops / total_time / 1e9
+    return out
+
+
+def stream_sample(tasks: list[Task], per_task: int, seed: int) -> list[list[tuple[int, Example]]]:
+    """``per_task`` training examples of each task, as the trainer's ``(expert, example)`` pairs
+    (all on the one expert the benchmark's model has)."""
+    rng = random.Random(seed)
+    return [[(0, e) for e in rng.sample(task.train, per_task)] for task in tasks]
+
+
+def epoch_padding(tasks: list[Task], config: RunConfig, collator: Collator, window: int) -> float:
+    """Share of padding over one epoch of every task's micro-batches."""
+    real = padded = 0
+    for task in tasks:
+        lengths = [collator.length(e) for e in task.train]
+        sampler = LengthGroupedBatches(lengths, config.micro_batch_size, torch.Generator().manual_seed(0), window)
+        for batch in sampler:
+            real += sum(lengths[i] for i in batch)
+            padded += max(lengths[i] for i in batch) * len(batch)
+    return 1 - real / padded
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per task per round")
+    parser.add_argument("--eval-prompts", type=int, default=32, help="test prompts per task per round")
+    args = parser.parse_args()
+    console = Console()
+    torch.manual_seed(0)
+    base, tokenizer, model_name = smollm2()
+    n_params = non_embedding_params(base)
+    config = RunConfig()
+    collator = Collator(tokenizer, config.max_prompt_tokens, config.max_answer_tokens)
+    method = METHODS[config.method](config)
+    model = method.wrap(base)
+    method.before_task(model, 0, [], collator)
+    accelerator = make_accelerator(torch.device("cpu"), "no")
+    tasks = load_tasks(config)
+    prompts = [e.prompt for task in tasks for e in task.split("test")[: args.eval_prompts]]
+    samples = stream_sample(tasks, config.batch_size * args.steps, seed=0)
+
+    lengths = sorted(collator.length(e) for items in samples for _, e in items)
+    rows = config.micro_batch_size * lengths[len(lengths) // 2]
+    rates = matmul_rates(base, rows, args.rounds)
+    limit = max(rates.values())
+
+    train: dict[str, list[tuple[int, int, float]]] = {v: [] for v in VARIANTS}
+    evals: dict[str, list[tuple[int, float]]] = {v: [] for v in VARIANTS}
+    for round_ in range(args.rounds):
+        for variant, settings in VARIANTS.items():
+            cfg = replace(config, length_window=settings["length_window"], epochs=1, save_every=0)
+            with kernels(settings["onednn"]):
+                tokens = padded = 0
+                seconds = 0.0
+                for t, items in enumerate(samples):
+                    stats = train_task(accelerator, method, model, collator, items, cfg, t, lambda record: None)
+                    tokens += stats["tokens"]
+                    padded += round(stats["tokens"] / (1 - stats["padding"]))
+                    seconds += stats["seconds"]
+                train[variant].append((tokens, padded, seconds))
+                start = time.perf_counter()
+                texts = generate(model, tokenizer, prompts, 12, config.max_prompt_tokens, config.eval_batch_size)
+                new_tokens = sum(len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in texts)
+                evals[variant].append((new_tokens, time.perf_counter() - start))
+        console.print(f"round {round_ + 1} of {args.rounds} done")
+
+    console.print(f"model: {model_name}, N = {n_params / 1e6:.1f}M non-embedding weights; {rows} rows per product")
+    table = Table(title="(a) float32 matmul rate at the model's projection shapes")
+    table.add_column("kernel")
+    table.add_column("GFLOP/s", justify="right")
+    for name, rate in rates.items():
+        table.add_row(name, f"{rate:.0f}")
+    console.print(table)
+    table = Table(title=f"(b) PMoE training, {args.steps} steps x {len(samples)} tasks per round (medians)")
+    for column in ("variant", "real tokens/s", "padding", "model GFLOP/s", "MFU", "speed-up"):
+        table.add_column(column, justify="right")
+    tok_s = {v: statistics.median(t / s for t, _, s in train[v]) for v in VARIANTS}
+    for variant in VARIANTS:
+        tokens, padded, _ = train[variant][0]
+        gflops = 4 * n_params * tok_s[variant] / 1e9
+        table.add_row(
+            variant,
+            f"{tok_s[variant]:.0f}",
+            f"{1 - tokens / padded:.1%}",
+            f"{gflops:.0f}",
+            f"{gflops / limit:.2f}",
+            f"{tok_s[variant] / tok_s['before']:.2f}x",
+        )
+    console.print(table)
+    for window in (1, config.length_window):
+        console.print(f"padding over a full epoch of the default stream, length_window={window}: ", end="")
+        console.print(f"{epoch_padding(tasks, config, collator, window):.1%}")
+    table = Table(title=f"(c) greedy generation, {len(prompts)} test prompts per round (medians)")
+    for column in ("variant", "prompts/s", "new tokens/s", "speed-up"):
+        table.add_column(column, justify="right")
+    p_s = {v: statistics.median(len(prompts) / s for _, s in evals[v]) for v in VARIANTS}
+    for variant in VARIANTS:
+        n_s = statistics.median(n / s for n, s in evals[variant])
+        table.add_row(variant, f"{p_s[variant]:.2f}", f"{n_s:.1f}", f"{p_s[variant] / p_s['before']:.2f}x")
+    console.print(table)
+    console.print(f"train_mfu = {4 * n_params * tok_s['now'] / 1e9 / limit:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Linear products through oneDNN on CPU: the same ``F.linear``, about twice the rate here.
+
+PyTorch multiplies float32 matrices on CPU with MKL's ``sgemm``. On the AMD EPYC (Zen 5) machines
+this project runs on, MKL reaches about 210 GFLOP/s on two cores at the model's projection shapes,
+while oneDNN, also inside every PyTorch CPU build, reaches about 450 (``benchmarks/throughput.py``
+measures both). Nearly all of a training step is such products, so :func:`linear` runs them on
+``torch.ops.mkldnn._linear_pointwise``: the forward ``x W^T + b`` and, in the backward, the input
+gradient ``g W`` (the same kernel on the transposed view of ``W``) and, for a trainable weight
+(the adapters' ``A`` and ``B``), its gradient ``g^T x``.
+
+The fast path is taken only where it is the same computation: float32 input and weight on the
+CPU, outside ``torch.compile`` tracing (the compiler picks its own kernels). Anything else, e.g. a
+GPU or a bf16 model, is plain ``F.linear``. Results equal ``F.linear``'s up to float rounding (a
+different summation order); the tests hold both to that.
+
+:func:`use_onednn` converts a model's ``nn.Linear`` layers in place; the adapters call
+:func:`linear` for their own low-rank products.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENABLED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+"""Whether :func:`linear` may use oneDNN (off where PyTorch lacks it; tests switch it off to compare)."""
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x (..., in) @ weight (out, in)^T + bias`` by oneDNN, without autograd."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _Linear(torch.autograd.Function):
+    """``F.linear`` whose forward and input gradient run on oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        return _onednn(x, weight.detach(), None if bias is None else bias.detach())
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn(grad, weight.detach().t(), None)  # g W = g (W^T)^T
+        if ctx.needs_input_grad[1]:  # g^T x (out, in), with the smaller of out and in as oneDNN's rows
+            g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            if g2.shape[1] <= x2.shape[1]:
+                grad_w = _onednn(g2.t(), x2.t(), None)
+            else:
+                grad_w = _onednn(x2.t(), g2.t(), None).t().contiguous()
+        if ctx.bias_grad:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, on oneDNN where that is the same computation (module docstring)."""
+    if not (
+        ENABLED
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.is_cpu
+        and weight.is_cpu
+        and not torch.compiler.is_compiling()
+    ):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _Linear.apply(x, weight, bias)
+    return _onednn(x, weight, bias)  # nothing to differentiate: evaluation, or frozen layer on frozen input
+
+
+class OneDNNLinear(nn.Linear):
+    """An ``nn.Linear`` computed by :func:`linear`: same parameters, state dict and outputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_onednn(model: nn.Module) -> int:
+    """Make every plain ``nn.Linear`` inside ``model`` an :class:`OneDNNLinear`, in place (the same
+    module objects and parameters, so tied weights stay tied); returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = OneDNNLinear
+            count += 1
+    return count

@@ -1,0 +1,95 @@
+"""oneDNN's linear (moecl.onednn) against the plain F.linear it replaces."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import build_tiny, random_tokens
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from moecl import PMoEConfig, PMoEModel, onednn
+from moecl.onednn import OneDNNLinear, linear, use_onednn
+
+pytestmark = pytest.mark.skipif(not onednn.ENABLED, reason="this PyTorch has no oneDNN")
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_values_and_gradients_equal_f_linear(weight_grad, bias):
+    torch.manual_seed(0)
+    x = torch.randn(3, 37, 96, requires_grad=True)
+    w = torch.randn(160, 96, requires_grad=weight_grad)
+    b = torch.randn(160, requires_grad=weight_grad) if bias else None
+    g = torch.randn(3, 37, 160)
+    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    fast = torch.autograd.grad((linear(x, w, b) * g).sum(), leaves)
+    slow = torch.autograd.grad((F.linear(x, w, b) * g).sum(), leaves)
+    torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    for f, s in zip(fast, slow, strict=True):
+        torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (16, 8)])  # both ways of computing the weight gradient
+def test_weight_gradient_of_low_rank_shapes(shape):
+    out_features, in_features = shape
+    x = torch.randn(50, in_features)
+    w = torch.randn(out_features, in_features, requires_grad=True)
+    g = torch.randn(50, out_features)
+    (fast,) = torch.autograd.grad((linear(x, w) * g).sum(), [w])
+    torch.testing.assert_close(fast, g.T @ x, rtol=1e-5, atol=1e-4)
+
+
+def test_other_dtypes_and_compiled_code_take_the_plain_path():
+    x, w = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(6, 8, dtype=torch.bfloat16)
+    assert torch.equal(linear(x, w), F.linear(x, w))
+    onednn.ENABLED = False
+    try:
+        x32, w32 = x.float(), w.float()
+        assert torch.equal(linear(x32, w32), F.linear(x32, w32))
+    finally:
+        onednn.ENABLED = True
+
+
+def test_use_onednn_converts_in_place_keeping_tied_weights_and_state():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    reference = copy.deepcopy(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied
+    count = use_onednn(model)
+    assert count == sum(type(m) is nn.Linear for m in reference.modules()) > 0
+    assert type(model.lm_head) is OneDNNLinear and model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    ids = random_tokens(2, 9)
+    torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_pmoe_training_step_gradients_equal_the_plain_path():
+    """Forward and backward of a PMoE model (shallow LoRA, expert banks, router) with every linear
+    product on oneDNN give the gradients the plain F.linear path gives."""
+
+    def grads(enabled: bool) -> dict[str, torch.Tensor]:
+        onednn.ENABLED = enabled
+        try:
+            model = PMoEModel(build_tiny("llama"), PMoEConfig(tau=0.5, rank=2, alpha=4, target_modules=["all-linear"]))
+            use_onednn(model)
+            model.add_task()
+            model.add_task()
+            with torch.no_grad():
+                for p in model.trainable_parameters():
+                    p.normal_(std=0.1)
+            ids = random_tokens(3, 11)
+            model(input_ids=ids, labels=ids).loss.backward()
+            return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        finally:
+            onednn.ENABLED = True
+
+    fast, slow = grads(True), grads(False)
+    assert fast.keys() == slow.keys() and len(fast) > 0
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-5, msg=name)
