@@ -14,8 +14,9 @@ One process, three measurements:
 (c) greedy generation on the default stream's test prompts: prompts/s and new tokens/s.
 
 (b) and (c) run two variants interleaved round by round: ``before`` (shuffled micro-batches,
-every product on PyTorch's default kernel: the code before issue 14) and ``now`` (length-grouped
-micro-batches, products on oneDNN). Model FLOPs count ``2 N`` per token forward and ``2 N``
+every product on PyTorch's default kernel, LoRA computed apart from its base layer: the code
+before issue 14) and ``now`` (length-grouped micro-batches, products on oneDNN, the shallow LoRA
+merged into its layer's weight). Model FLOPs count ``2 N`` per token forward and ``2 N``
 backward (the frozen base needs input gradients only), ``N`` the base model's non-embedding
 weights. The last line is ``train_mfu = X.XX``: ``now``'s real-token model FLOP rate over the
 machine's limit.
@@ -38,6 +39,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moecl import onednn
+from moecl.adapters.lora import LoRALinear
 from moecl.data.trace import Example, Task
 from moecl.evaluation.generation import generate
 from moecl.methods import METHODS
@@ -47,17 +49,21 @@ from moecl.training.config import RunConfig
 from moecl.training.run import load_tasks, make_accelerator
 from moecl.training.trainer import train_task
 
-VARIANTS = {"before": {"length_window": 1, "onednn": False}, "now": {"length_window": 8, "onednn": True}}
+VARIANTS = {"before": {"length_window": 1, "now": False}, "now": {"length_window": 8, "now": True}}
 
 
 @contextlib.contextmanager
-def kernels(use_onednn: bool) -> Iterator[None]:
-    saved = onednn.ENABLED
-    onednn.ENABLED = use_onednn and saved
+def kernels(now: bool) -> Iterator[None]:
+    """``now``: the library as it is; else products on PyTorch's default kernel and LoRA computed
+    apart from its base layer (merged LoRA and oneDNN off: the code before issue 14)."""
+    saved, merged = onednn.ENABLED, LoRALinear.forward
+    onednn.ENABLED = now and saved
+    if not now:
+        LoRALinear.forward = LoRALinear.reference_forward
     try:
         yield
     finally:
-        onednn.ENABLED = saved
+        onednn.ENABLED, LoRALinear.forward = saved, merged
 
 
 def smollm2():
@@ -141,6 +147,7 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=32, help="test prompts per task per round")
     args = parser.parse_args()
     console = Console()
+    onednn.keep_freed_memory()  # as `moecl run` does
     torch.manual_seed(0)
     base, tokenizer, model_name = smollm2()
     n_params = non_embedding_params(base)
@@ -164,7 +171,7 @@ def main() -> None:
     for round_ in range(args.rounds):
         for variant, settings in VARIANTS.items():
             cfg = replace(config, length_window=settings["length_window"], epochs=1, save_every=0)
-            with kernels(settings["onednn"]):
+            with kernels(settings["now"]):
                 tokens = padded = 0
                 seconds = 0.0
                 for t, items in enumerate(samples):
@@ -173,6 +180,8 @@ def main() -> None:
                     padded += round(stats["tokens"] / (1 - stats["padding"]))
                     seconds += stats["seconds"]
                 train[variant].append((tokens, padded, seconds))
+        for variant, settings in VARIANTS.items():  # both on the same weights: the same texts
+            with kernels(settings["now"]):
                 start = time.perf_counter()
                 texts = generate(model, tokenizer, prompts, 12, config.max_prompt_tokens, config.eval_batch_size)
                 new_tokens = sum(len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in texts)

@@ -93,3 +93,28 @@ def test_pmoe_training_step_gradients_equal_the_plain_path():
     assert fast.keys() == slow.keys() and len(fast) > 0
     for name in fast:
         torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_merged_lora_equals_base_plus_delta_forward_backward_and_in_evaluation(bias):
+    """LoRALinear's merged form ``x (W + s B A)^T`` against ``base(x) + s B A x`` computed apart."""
+    from moecl.adapters.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(48, 80, bias=bias).requires_grad_(False), rank=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.5)
+    assert layer.mergeable()
+    x = torch.randn(2, 13, 48, requires_grad=True)
+    g = torch.randn(2, 13, 80)
+    params = [x, layer.lora_A, layer.lora_B]
+    merged = torch.autograd.grad((layer(x) * g).sum(), params)
+    apart = torch.autograd.grad((layer.reference_forward(x) * g).sum(), params)
+    torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+    for m, a in zip(merged, apart, strict=True):
+        torch.testing.assert_close(m, a, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # evaluation keeps W + s B A, and builds it again once B changes
+        torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+        layer.lora_B.add_(1.0)
+        torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+    assert not LoRALinear(nn.Linear(48, 80), rank=4, alpha=8, dropout=0.1).mergeable()

@@ -49,6 +49,7 @@ from moecl.io import atomic_write_json, atomic_write_text
 from moecl.methods import METHODS
 from moecl.methods.base import Method
 from moecl.models.loading import cache_dir, load_model, resolve_dtype
+from moecl.onednn import keep_freed_memory
 from moecl.reports.plots import plot_allocation_phases
 from moecl.training.batches import Collator
 from moecl.training.config import RunConfig
@@ -583,6 +584,7 @@ def run(
     ``progress``: a live display to add this run's bars to (a study's)."""
     tasks = load_tasks(config)  # every file is validated before anything is created or trained
     replay_extra = load_replay_extra(config)
+    keep_freed_memory()  # no page faults on each step's activations (moecl.onednn)
     # Only the main process holds the lock; the other ranks of `accelerate launch` are its helpers.
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process  # as the run's Accelerator sees it
     lock = RunLock(out) if main else contextlib.nullcontext()
