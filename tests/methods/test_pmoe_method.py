@@ -66,3 +66,35 @@ def test_pmoe_paper_preset_is_the_literal_router_and_options_still_win():
     literal = (paper.router_norm, paper.expert_init, paper.router_init, paper.freeze_router)
     assert literal == (False, "zero", "zero", False)
     assert config_from_options({"preset": "pmoe-paper", "lambda_route": "0.5"}).lambda_route == 0.5
+
+
+def test_gates_recorded_in_generation_equal_a_separate_pass_over_each_prompt():
+    """The allocation a run reports is read from generation's prefill (left-padded batches of
+    similar length); it must equal the router's mean gate from a pass over each prompt alone."""
+    from moecl import PMoEConfig, PMoEModel
+    from moecl.evaluation.generation import generate
+    from moecl.evaluation.routing import gate_summary
+    from moecl.models.loading import tiny_random
+
+    base, tokenizer = tiny_random()
+    model = PMoEModel(base, PMoEConfig(tau=1, rank=2, alpha=4))
+    model.add_task()
+    model.add_task()
+    with torch.no_grad():
+        model.router.weight.normal_(std=2.0)  # a router that tells tokens apart
+    prompts = ["a much longer prompt than the others", "mid length one", "hi", "the fourth prompt"]
+    recorded = {}
+
+    def keep(batch):
+        means, _ = gate_summary(take(), batch["attention_mask"])
+        for ids, mask, mean in zip(batch["input_ids"], batch["attention_mask"], means, strict=True):
+            recorded[tokenizer.decode(ids[mask.bool()])] = mean
+
+    with model.recording_gates() as take:
+        generate(model, tokenizer, prompts, 3, 64, 3, on_batch=keep)
+    assert sorted(recorded) == sorted(prompts)
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        alone = model.router_probs(ids)[0].mean(0)  # (experts,)
+        torch.testing.assert_close(recorded[prompt], alone, rtol=1e-5, atol=1e-6)
+    assert model.gate.probs is not None and model._recorded is None  # recording ended cleanly
