@@ -118,3 +118,16 @@ def test_merged_lora_equals_base_plus_delta_forward_backward_and_in_evaluation(b
         layer.lora_B.add_(1.0)
         torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
     assert not LoRALinear(nn.Linear(48, 80), rank=4, alpha=8, dropout=0.1).mergeable()
+
+
+def test_merged_lora_of_a_frozen_adapter_passes_only_the_input_gradient():
+    from moecl.adapters.lora import LoRALinear
+
+    layer = LoRALinear(nn.Linear(16, 24).requires_grad_(False), rank=2, alpha=4).requires_grad_(False)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 16, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).sum(), [x])
+    (expected,) = torch.autograd.grad(layer.reference_forward(x).sum(), [x])
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
+    assert layer.lora_A.grad is None and layer.lora_B.grad is None

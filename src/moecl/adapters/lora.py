@@ -79,10 +79,13 @@ class _MergedLoRA(torch.autograd.Function):
         x, merged, lora_a, lora_b = ctx.saved_tensors
         g, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (M, out), (M, in)
         grad_x = linear(grad, merged.t()) if ctx.needs_input_grad[0] else None
-        g_b = linear(g, lora_b.t())  # (M, r) = g B
-        grad_a = linear(g_b.t(), x2.t()) * ctx.scaling  # (r, in) = (g B)^T x
-        h = linear(x2, lora_a)  # (M, r) = x A^T
-        grad_b = linear(h.t(), g.t()).t() * ctx.scaling  # (out, r) = g^T h, with r as the rows
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[3]:
+            g_b = linear(g, lora_b.t())  # (M, r) = g B
+            grad_a = linear(g_b.t(), x2.t()) * ctx.scaling  # (r, in) = (g B)^T x
+        if ctx.needs_input_grad[4]:
+            h = linear(x2, lora_a)  # (M, r) = x A^T
+            grad_b = linear(h.t(), g.t()).t() * ctx.scaling  # (out, r) = g^T h, with r as the rows
         return grad_x, None, None, grad_a, grad_b, None
 
 
