@@ -58,10 +58,17 @@ def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9.+]+", "-", label.lower()).strip("-") or "run"
 
 
-def load_study(path: Path, overrides: dict[str, Any] | None = None, seeds: list[int] | None = None) -> Study:
+def load_study(
+    path: Path,
+    overrides: dict[str, Any] | None = None,
+    seeds: list[int] | None = None,
+    only: list[str] | None = None,
+) -> Study:
     """Read and validate a study file; errors name the file, the entry and the field.
 
     ``overrides`` (options given on the command line) win over the file's; ``seeds`` over its seeds.
+    ``only`` keeps these labels (in the file's order): part of a long study now, the rest later
+    into the same folder; the reference's paired differences need the reference among them.
     """
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -100,6 +107,12 @@ def load_study(path: Path, overrides: dict[str, Any] | None = None, seeds: list[
     reference = spec.get("reference")
     if reference is not None and reference not in labels:
         raise ValueError(f"{path}: reference {reference!r} is not one of the labels {labels}")
+    if only:
+        missing = [label for label in only if label not in labels]
+        if missing:
+            raise ValueError(f"{path}: --only names {missing}, not labels of this study; its labels are {labels}")
+        entries = [e for e in entries if e.label in only]
+        reference = reference if reference in only else None
     return Study(entries, list(seeds), reference)
 
 

@@ -95,6 +95,16 @@ def test_shipped_table1_study_resolves(tmp_path):
     assert study.reference == "LoRA-RE" and len(study.seeds) >= 3
 
 
+def test_only_keeps_the_named_entries_in_file_order(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(STUDY)
+    study = load_study(path, only=["LoRA", "PMoE"])
+    assert [e.label for e in study.entries] == ["PMoE", "LoRA"] and study.reference == "LoRA"
+    assert load_study(path, only=["PMoE"]).reference is None  # no reference column without it
+    with pytest.raises(ValueError, match=r"--only names \['MoE'\], not labels"):
+        load_study(path, only=["MoE"])
+
+
 @pytest.mark.parametrize(
     "command", ["run", "show", "compare", "study", "general", "sweep", "report", "route", "export", "theory"]
 )

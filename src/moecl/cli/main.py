@@ -81,7 +81,8 @@ A study file (YAML):
 
 examples:
   moecl study studies/table1.yaml --out runs/table1
-  moecl study studies/table1.yaml --seeds 0 eval_split=eval --out runs/table1-val   # key=value: every entry"""
+  moecl study studies/table1.yaml --seeds 0 eval_split=eval --out runs/table1-val   # key=value: every entry
+  moecl study studies/table1.yaml --only "PMoE,LoRA-RE" --out runs/table1   # the rest later, same --out"""
 
 
 GENERAL_HELP = """\
@@ -157,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("file", type=Path, metavar="FILE.yaml", help="the study file (see above)")
     study.add_argument("--out", type=Path, help="study folder (default: runs/<file name without .yaml>)")
     study.add_argument("--seeds", type=seed_list, metavar="S,S,...", help="override the file's seeds")
+    study.add_argument(
+        "--only",
+        type=lambda text: [label.strip() for label in text.split(",") if label.strip()],
+        metavar="LABEL,...",
+        help="run only these entries (labels as in the file); the rest can follow later into the same --out",
+    )
     study.add_argument("--force", action="store_true", help="start over every run folder (and re-run finished ones)")
     study.add_argument("overrides", nargs="*", metavar="key=value", help="options applied to every entry, last")
     study.set_defaults(handler=study_command)

@@ -223,7 +223,7 @@ def show_command(args: argparse.Namespace, console: Console) -> int:
 def study_command(args: argparse.Namespace, console: Console) -> int:
     from moecl.study import load_study, run_study
 
-    study = load_study(args.file, parse_overrides(args.overrides), args.seeds)
+    study = load_study(args.file, parse_overrides(args.overrides), args.seeds, args.only)
     out = args.out or Path("runs") / args.file.stem
     text = run_study(study, out, force=args.force, console=console)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
