@@ -93,6 +93,7 @@ def test_shipped_table1_study_resolves(tmp_path):
     lora_re = next(e.config for e in study.entries if e.label == "LoRA-RE")
     assert lora_re.method == "seq-lora" and lora_re.replay == 0.01
     assert study.reference == "LoRA-RE" and len(study.seeds) >= 3
+    assert all(e.config.general == "small" for e in study.entries)  # Table 1's upper half too
 
 
 def test_only_keeps_the_named_entries_in_file_order(tmp_path):
