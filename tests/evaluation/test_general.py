@@ -56,7 +56,7 @@ def test_lm_eval_scores_equal_a_direct_log_likelihood_computation(tmp_path):
     scores = score_suite(model, base, tokenizer, "fixture", benchmarks={"fixture": path}, batch_size=4)
     acc, _ = _reference(model, tokenizer, ITEMS)
     assert scores["fixture"].items == acc and scores["fixture"].n == len(ITEMS)
-    general.BENCHMARKS["fixture_norm"] = general.Benchmark("fixture_norm", (), dict, "acc_norm")
+    general.BENCHMARKS["fixture_norm"] = general.Benchmark("fixture_norm", lambda root: [], "acc_norm")
     try:
         normed = score_suite(model, base, tokenizer, "fixture", benchmarks={"fixture_norm": path}, batch_size=3)
     finally:
@@ -139,3 +139,139 @@ def test_a_run_scores_the_base_once_and_the_final_model_on_the_same_items(tmp_pa
     lines = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
     assert lines[2].startswith("| piqa (general) | – | " + f"{piqa['before']:.1f} | {piqa['after']:.1f}")
     assert lines[3].startswith("| Δ R^G |") and lines[4].startswith("| sentiment |")  # above the task rows
+
+
+def _greedy(model, tokenizer, query, max_new_tokens=6):
+    """Slow, obvious greedy decoding (no cache): the text lm-eval's generate_until should see."""
+    ids = tokenizer(query, add_special_tokens=False)["input_ids"]
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            out.append(nxt)
+    text = tokenizer.decode(out)
+    return text.split("\n")[0]
+
+
+def test_exact_match_generation_through_lm_eval_equals_greedy_decoding(tmp_path):
+    base, tokenizer = tiny_random(0)
+    model = PMoEModel(base, PMoEConfig(tau=1, rank=2, alpha=4))
+    model.add_task()
+    perturb_adapters(model, scale=0.3)
+    queries = ["Q: 2 + 2\nA:", "Q: sky\nA:", "abc", "Water boils at"]
+    greedy = [_greedy(model, tokenizer, q) for q in queries]
+    # Half the targets are the model's own greedy answer (with stray spaces and capitals), half not.
+    targets = [f"  {greedy[0].strip().upper()} ", "surely not this", greedy[2].strip(), "nor this"]
+    assert all(g.strip() for g in (greedy[0], greedy[2])), greedy  # something to match
+    path = tmp_path / "gen.jsonl"
+    rows = [{"id": i, "query": q, "target": t} for i, (q, t) in enumerate(zip(queries, targets, strict=True))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    general.BENCHMARKS["fixture_gen"] = general.Benchmark(
+        "fixture_gen", lambda root: [], "exact_match", task=lambda n, p: general.exact_match_task(n, p, 6)
+    )
+    try:
+        scores = score_suite(model, base, tokenizer, "fixture", benchmarks={"fixture_gen": path}, batch_size=3)
+    finally:
+        del general.BENCHMARKS["fixture_gen"]
+    assert scores["fixture_gen"].items == [1.0, 0.0, 1.0, 0.0]
+
+
+class _Scripted(torch.nn.Module):
+    """A model that answers every prompt with the same text (lm-eval's filters are under test)."""
+
+    def __init__(self, base, tokenizer, answer):
+        super().__init__()
+        self.base, self.answer = base, tokenizer(answer, add_special_tokens=False)["input_ids"]
+
+    def forward(self, **kwargs):
+        return self.base(**kwargs)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        tail = torch.tensor([self.answer]).expand(input_ids.shape[0], -1)
+        return torch.cat([input_ids, tail], 1)
+
+
+def test_gsm8k_is_lm_evals_8_shot_chain_of_thought_with_its_strict_answer(tmp_path):
+    base, tokenizer = tiny_random(0)
+    config = general.gsm8k_task("gsm8k", tmp_path / "g.jsonl")
+    assert config["num_fewshot"] == 8 and len(config["fewshot_config"]["samples"]) == 8
+    assert config["dataset_path"] == "json" and "dataset_name" not in config
+    path = tmp_path / "g.jsonl"
+    docs = [
+        {"id": 0, "question": "Ann has 9 eggs and buys 9. How many?", "answer": "9 + 9 = 18\n#### 18"},
+        {"id": 1, "question": "Bo has 3 cats and 4 dogs. How many pets?", "answer": "3 + 4 = 7\n#### 7"},
+        {"id": 2, "question": "What is 20 - 2?", "answer": "20 - 2 = 18\n#### 18"},
+    ]
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    scripted = _Scripted(base, tokenizer, " 9 + 9 = 18. The answer is 18.\n\nQ:")
+    scores = score_suite(scripted, base, tokenizer, "paper", benchmarks={"gsm8k": path}, batch_size=2)
+    assert scores["gsm8k"].items == [1.0, 0.0, 1.0] and scores["gsm8k"].metric == "exact_match"
+    says = _Scripted(base, tokenizer, " so 18 it is.\n\nQ:")  # a number, but not "The answer is N."
+    assert score_suite(says, base, tokenizer, "paper", benchmarks={"gsm8k": path})["gsm8k"].items == [0.0] * 3
+
+
+@pytest.mark.parametrize(
+    "example, question, answer",
+    [
+        ({"input": "Is it? ", "target_scores": {"Yes": 1, "No": 0}}, "Is it?\nOptions:\n- Yes\n- No", "Yes"),
+        (
+            {"input": "Pick.", "target_scores": {"red": 0, "blue": 0, "green": 1}},
+            "Pick.\nOptions:\n(A) red\n(B) blue\n(C) green",
+            "(C)",
+        ),
+        ({"input": "How many?", "target": ["three", "3"]}, "How many?", "3"),
+        ({"input": "Sort: b a", "target": "a b"}, "Sort: b a", "a b"),
+        ({"input": "( [", "target_scores": {f"x{i}": int(i == 30) for i in range(40)}}, "( [", "x30"),
+    ],
+)
+def test_bbh_examples_render_as_bbh_answers(example, question, answer):
+    assert general.bbh_example(example) == (question, answer)
+
+
+def _fake_mmlu(root):
+    import datasets
+
+    for subject in ("anatomy", "virology"):
+        for split, n in (("dev", 5), ("test", 3)):
+            rows = [
+                {
+                    "question": f"{subject} {split} {i}?",
+                    "subject": subject,
+                    "choices": ["w", "x", "y", "z"],
+                    "answer": i % 4,
+                }
+                for i in range(n)
+            ]
+            datasets.Dataset.from_list(rows).save_to_disk(str(root / "hails" / "mmlu_no_train" / subject / split))
+
+
+def test_mmlu_5_shot_prompts_hold_their_own_subjects_dev_questions(tmp_path):
+    _fake_mmlu(tmp_path)
+    items = general.mmlu_5shot(tmp_path)
+    assert len(items) == 6 and [i["subject"] for i in items] == ["anatomy"] * 3 + ["virology"] * 3
+    query = items[4]["query"]
+    assert query.startswith("The following are multiple choice questions (with answers) about virology.\n\n")
+    assert query.count("virology dev") == 5 and "anatomy" not in query
+    assert "virology dev 1?\nA. w\nB. x\nC. y\nD. z\nAnswer: B\n\n" in query
+    assert query.endswith("virology test 1?\nA. w\nB. x\nC. y\nD. z\nAnswer:")
+    assert items[4]["choices"] == [" A", " B", " C", " D"] and items[4]["gold"] == 1
+
+
+def test_bbh_source_drops_its_exemplars_from_the_items_and_caps_each_task(tmp_path):
+    tasks = {
+        f"{name}/task.json": {
+            "description": f"{name} described",
+            "examples": [{"input": f"{name} q{i}", "target": f"a{i}"} for i in range(300 if k == 0 else 5)],
+        }
+        for k, name in enumerate(general.BBH_SOURCE)
+    }
+    (tmp_path / "bbh-source.json").write_text(json.dumps(tasks))
+    items = general.bbh_source(tmp_path)
+    first = general.BBH_SOURCE[0]
+    assert sum(i["task"] == first for i in items) == general.BBH_PER_TASK  # 300 - 3 shots, capped
+    assert len(items) == general.BBH_PER_TASK + 2 * (len(general.BBH_SOURCE) - 1)
+    for item in items:
+        *shots, asked = item["query"].split("\n\nQ: ")
+        assert item["query"].startswith(f"{item['task']} described\n\n") and len(shots) == 1 + 3  # head, 3 shots
+        assert asked.split("\nA:")[0] not in [s.split("\nA:")[0] for s in shots[1:]]  # no exemplar is asked
+        assert item["target"] == "a" + asked.split(" q")[1].split("\n")[0]

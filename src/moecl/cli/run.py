@@ -262,8 +262,9 @@ def general_command(args: argparse.Namespace, console: Console) -> int:
         for column in ("benchmark", "metric", "n", "score ± SE", "chance"):
             table.add_column(column, justify="left" if column in ("benchmark", "metric") else "right")
         for name, s in before.items():
-            chance = 100 * BENCHMARKS[name].chance
-            table.add_row(name, s.metric, str(s.n), f"{s.score:.1f} ± {s.se:.1f}", f"{chance:.0f}")
+            chance = BENCHMARKS[name].chance
+            shown = "–" if chance is None else f"{100 * chance:.0f}"
+            table.add_row(name, s.metric, str(s.n), f"{s.score:.1f} ± {s.se:.1f}", shown)
         console.print(table)
         record["scores"] = {n: s.to_json() for n, s in before.items()}
         record["seconds"] = round(seconds, 1)

