@@ -88,12 +88,15 @@ def test_task_gate_uses_only_the_active_tasks_adapter_and_sum_gate_adds_them():
 def test_earlier_olora_adapters_stay_bit_identical(tmp_path, monkeypatch):
     results, out = _run(tmp_path, monkeypatch, method="o-lora", lambda_l2=0.1, weight_decay=0.1, replay=0.25)
     after = [load_file(str(out / "checkpoints" / f"task-{t}" / "adapter_model.safetensors")) for t in range(3)]
-    q = next(k for k in after[0] if k.endswith("q_proj.expert_A")).rpartition(".")[0]
+    q = next(k for k in after[0] if k.endswith("q_proj.experts_A")).rpartition(".")[0]
+    r = after[0][f"{q}.experts_A"].shape[0]  # one adapter per task, all stacked on disk
     for t in (1, 2):
-        earlier_A = torch.cat([after[s][f"{q}.expert_A"] for s in range(t)])  # as saved when each task ended
-        earlier_B = torch.cat([after[s][f"{q}.expert_B"] for s in range(t)], 1)
-        assert torch.equal(after[t][f"{q}.frozen_A"], earlier_A) and torch.equal(after[t][f"{q}.frozen_B"], earlier_B)
-        assert not torch.equal(after[t][f"{q}.expert_B"], torch.zeros_like(after[t][f"{q}.expert_B"]))
+        # Task s's adapter as saved when task s ended, against the same rows after task t.
+        earlier_A = torch.cat([after[s][f"{q}.experts_A"][s * r : (s + 1) * r] for s in range(t)])
+        earlier_B = torch.cat([after[s][f"{q}.experts_B"][:, s * r : (s + 1) * r] for s in range(t)], 1)
+        assert torch.equal(after[t][f"{q}.experts_A"][: t * r], earlier_A)
+        assert torch.equal(after[t][f"{q}.experts_B"][:, : t * r], earlier_B)
+        assert after[t][f"{q}.experts_B"][:, t * r :].abs().sum() > 0  # task t's own adapter trained
     assert results["router_allocation"] is None and results["BWT"] is not None
 
 

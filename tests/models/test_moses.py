@@ -107,11 +107,13 @@ def test_run_isolates_finished_tasks_grows_sub_linearly_and_reproduces_scores(tm
     capacity = results["capacity"]
     assert len(capacity) == T and capacity[0] < capacity[1] < capacity[2] < T * capacity[0]
     after = [load_file(str(out / "checkpoints" / f"task-{t}" / "adapter_model.safetensors")) for t in range(T)]
-    key = next(k for k in after[0] if k.endswith("q_proj.expert_A")).rpartition(".")[0]
-    r = 2
-    assert torch.equal(after[1][f"{key}.frozen_A"], after[0][f"{key}.expert_A"])  # 4 sub-experts of task 0
-    assert torch.equal(after[2][f"{key}.frozen_A"][: 4 * r], after[0][f"{key}.expert_A"])
-    assert torch.equal(after[2][f"{key}.frozen_B"][:, 4 * r :], after[1][f"{key}.expert_B"])
+    key = next(k for k in after[0] if k.endswith("q_proj.experts_A")).rpartition(".")[0]
+    r = 2  # every sub-expert of every task in one stack, whichever trained when it was saved
+    assert after[0][f"{key}.experts_A"].shape[0] == 4 * r  # the 4 sub-experts of task 0
+    assert torch.equal(after[1][f"{key}.experts_A"][: 4 * r], after[0][f"{key}.experts_A"])
+    assert torch.equal(after[2][f"{key}.experts_A"][: 4 * r], after[0][f"{key}.experts_A"])
+    task1 = after[1][f"{key}.experts_B"][:, 4 * r :]
+    assert torch.equal(after[2][f"{key}.experts_B"][:, 4 * r : 4 * r + task1.shape[1]], task1)
     assert torch.equal(after[2][f"{key}.gate.frozen_bias"][0, :4], after[0][f"{key}.gate.bias"])
     assert torch.isinf(after[2][f"{key}.gate.frozen_bias"][0, 4:]).all()  # later sub-experts unreachable
     assert (out / "transfer.json").is_file() and (out / "transfer.png").stat().st_size > 1000

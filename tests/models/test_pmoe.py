@@ -188,7 +188,7 @@ def test_loading_onto_a_different_base_model_is_refused(tmp_path):
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     meta["num_experts"] = 2
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="router.weight has shape .1, 32.*expects .2, 32"):
+    with pytest.raises(ValueError, match="q_proj.experts_A has shape .2, 32.*expects .4, 32"):
         PMoEModel.from_pretrained(build_tiny("llama"), tmp_path)
     meta["num_experts"], meta["target_modules"] = 1, ["q_proj", "v_proj", "k_proj"]
     meta["pmoe"]["target_modules"] = meta["target_modules"]

@@ -127,11 +127,44 @@ def test_grown_models_round_trip_and_old_folders_without_offsets_still_load(tmp_
     with torch.no_grad():
         old.router.bias.zero_()
     old.save_pretrained(tmp_path / "old")
-    weights = load_file(str(tmp_path / "old" / "adapter_model.safetensors"))
+    weights = _legacy_layout(old)
     del weights["router.frozen"], weights["router.bias"]
     save_file(weights, str(tmp_path / "old" / "adapter_model.safetensors"))
     reloaded = PMoEModel.from_pretrained(build_tiny("llama"), tmp_path / "old")
     assert torch.equal(reloaded(input_ids=ids).logits, old(input_ids=ids).logits)
+
+
+def _legacy_layout(model: PMoEModel) -> dict[str, torch.Tensor]:
+    """What folders held before the stacked layout: each module's tensors as it holds them (an
+    expert bank's frozen_A + expert_A split at the training expert, the router's frozen + weight)."""
+    from moecl.adapters.state import adapter_state_dict
+
+    return {k: v.detach().contiguous().clone() for k, v in adapter_state_dict(model).items()}
+
+
+def test_experts_are_saved_as_one_stack_whichever_trains_and_old_split_folders_load(tmp_path):
+    pmoe = _pmoe(3, freeze_router=True)
+    perturb_adapters(pmoe)
+    pmoe.save_pretrained(tmp_path / "new")
+    weights = load_file(str(tmp_path / "new" / "adapter_model.safetensors"))
+    bank_name, bank = next((n, m) for n, m in pmoe.named_modules() if isinstance(m, LoRAExpertBank))
+    r = pmoe.config.rank
+    assert not any(k.endswith(("frozen_A", "expert_A", "router.weight", "router.frozen")) for k in weights)
+    assert weights[f"{bank_name}.experts_A"].shape == (3 * r, bank.in_features)
+    assert torch.equal(weights[f"{bank_name}.experts_A"][2 * r :], bank.expert_A)  # the training one, last
+    assert torch.equal(weights[f"{bank_name}.experts_B"][:, : 2 * r], bank.frozen_B)
+    assert torch.equal(weights["router.columns"], pmoe.router.columns())
+    # The folder the same model wrote before the stacked layout loads to the same model.
+    pmoe.save_pretrained(tmp_path / "old")
+    save_file(_legacy_layout(pmoe), str(tmp_path / "old" / "adapter_model.safetensors"))
+    ids = random_tokens(2, 5)
+    for folder in ("new", "old"):
+        loaded = PMoEModel.from_pretrained(build_tiny("llama"), tmp_path / folder)
+        assert torch.equal(loaded(input_ids=ids).logits, pmoe(input_ids=ids).logits), folder
+        assert torch.equal(loaded.router.frozen, pmoe.router.frozen)  # split as it trains, again
+        assert {n for n, _ in loaded.named_parameters() if "expert" in n} == {
+            n for n, _ in pmoe.named_parameters() if "expert" in n
+        }
 
 
 def test_growth_options_are_checked():

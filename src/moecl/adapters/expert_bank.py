@@ -9,7 +9,9 @@ one elementwise scale, whatever ``T`` is. Neither a Python loop over experts nor
 kept as the test oracle.
 
 Only the newest expert is an ``nn.Parameter``; earlier experts live in buffers, so no
-optimizer can see them (not even AdamW's weight decay) and they stay bit-identical.
+optimizer can see them (not even AdamW's weight decay) and they stay bit-identical. On disk the
+split does not show: every expert sits in one stack, ``experts_A``/``experts_B``
+(:meth:`LoRAExpertBank.saved_tensors`), whichever of them was training when it was saved.
 """
 
 from __future__ import annotations
@@ -85,10 +87,41 @@ class LoRAExpertBank(nn.Module):
 
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``A_cat (T*r, in)`` and ``B_cat (out, T*r)``, expert ``k`` in rows/columns ``k*r:(k+1)*r``."""
+        if self.expert_A is None:
+            return self.frozen_A, self.frozen_B
         return (
             torch.cat([self.frozen_A, self.expert_A], dim=0),
             torch.cat([self.frozen_B, self.expert_B], dim=1),
         )
+
+    # -- on disk: one stack of every expert ------------------------------------------------------
+
+    LEGACY_NAMES = ("frozen_A", "frozen_B", "expert_A", "expert_B")
+    """The names folders saved before the stacked layout used (they split the stack at the
+    training expert); :meth:`from_legacy` reads them."""
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The bank as saved: ``experts_A (T*r, in)`` and ``experts_B (out, T*r)``, expert ``k`` in
+        rows/columns ``k*r:(k+1)*r``; the count is the model config's."""
+        a_cat, b_cat = self.stacked_weights()
+        return {"experts_A": a_cat, "experts_B": b_cat}
+
+    @torch.no_grad()
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy a saved stack into this bank (built with as many experts), split as it trains now."""
+        n = self.frozen_A.shape[0]
+        self.frozen_A.copy_(tensors["experts_A"][:n])
+        self.frozen_B.copy_(tensors["experts_B"][:, :n])
+        if self.expert_A is not None:
+            self.expert_A.copy_(tensors["experts_A"][n:])
+            self.expert_B.copy_(tensors["experts_B"][:, n:])
+
+    @staticmethod
+    def from_legacy(old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A pre-stack folder's tensors (:data:`LEGACY_NAMES`) as :meth:`saved_tensors` names them."""
+        a = [old[k] for k in ("frozen_A", "expert_A") if k in old]
+        b = [old[k] for k in ("frozen_B", "expert_B") if k in old]
+        return {"experts_A": torch.cat(a, dim=0), "experts_B": torch.cat(b, dim=1)}
 
     def delta(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Fused mixture for ``x (..., in)`` and ``gate (..., T)`` -> ``(..., out)``."""

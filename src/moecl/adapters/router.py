@@ -87,6 +87,33 @@ class Router(nn.Module):
         """Every expert's column, ``(num_experts, hidden)``, expert ``k`` in row ``k``."""
         return torch.cat([self.frozen, self.weight], dim=0)
 
+    # -- on disk: every column in one matrix --------------------------------------------------------
+
+    LEGACY_NAMES = ("weight", "frozen", "bias")
+    """The names folders saved before the stacked layout used; :meth:`from_legacy` reads them."""
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The router as saved: ``columns (T, hidden)`` (expert ``k`` in row ``k``, whether it
+        trains or not) and ``bias (T,)``."""
+        return {"columns": self.columns(), "bias": self.bias}
+
+    @torch.no_grad()
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy saved columns (and offsets, when the folder has them: older ones have none, i.e.
+        zero) into this router, built with as many experts and split as it trains now."""
+        n = self.frozen.shape[0]
+        self.frozen.copy_(tensors["columns"][:n])
+        self.weight.copy_(tensors["columns"][n:])
+        if "bias" in tensors:
+            self.bias.copy_(tensors["bias"])
+
+    @staticmethod
+    def from_legacy(old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A pre-stack folder's tensors (``frozen`` rows first, then ``weight``; folders older
+        still have neither ``frozen`` nor ``bias``) as :meth:`saved_tensors` names them."""
+        columns = torch.cat([old["frozen"], old["weight"]]) if "frozen" in old else old["weight"]
+        return {"columns": columns, **({"bias": old["bias"]} if "bias" in old else {})}
+
     def add_expert(self, column: torch.Tensor | None = None, bias: float = 0.0, freeze_old: bool = False) -> None:
         """Append one column (``column``, or zero) with logit offset ``bias``.
 

@@ -2,7 +2,9 @@
 
 An adapter module (:data:`ADAPTER_TYPES`) owns the tensors registered directly on it; its
 ``base_layer`` belongs to the base model. Its parameters are what the current task trains;
-its buffers (frozen experts) are saved but never trained.
+its buffers (frozen experts) are saved but never trained. A module may save them in another
+form than it holds them (``saved_tensors``/``load_saved``: an expert bank and the router save one
+stack of all their experts, not the frozen/training split).
 """
 
 from __future__ import annotations
@@ -40,6 +42,50 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, buf in module.named_buffers(recurse=False):
             state[prefix + name] = buf
     return state
+
+
+def saved_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors as an adapter folder holds them: :func:`adapter_state_dict`, but in
+    each module's saved form where it has one."""
+    state: dict[str, torch.Tensor] = {}
+    for prefix, module in _adapter_modules(model):
+        if hasattr(module, "saved_tensors"):
+            tensors = module.saved_tensors()
+        else:
+            tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+        state.update({prefix + name: t for name, t in tensors.items()})
+    return state
+
+
+@torch.no_grad()
+def load_saved_state(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` (keys and shapes as :func:`saved_state_dict` gives, checked by the
+    caller; a key may be absent where the module allows it) into ``model``'s adapters."""
+    for prefix, module in _adapter_modules(model):
+        local = {
+            k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix) and "." not in k[len(prefix) :]
+        }
+        if hasattr(module, "load_saved"):
+            module.load_saved(local)
+        else:
+            for name, tensor in local.items():
+                getattr(module, name).copy_(tensor)
+
+
+def upgrade_legacy_names(model: nn.Module, weights: dict[str, torch.Tensor]) -> bool:
+    """Rename, in place, a folder's tensors saved under a module's older names (its
+    ``LEGACY_NAMES``: the frozen/training split of an expert stack) to the saved form; whether
+    any were."""
+    upgraded = False
+    for prefix, module in _adapter_modules(model):
+        legacy = getattr(module, "LEGACY_NAMES", ())
+        current = set(module.saved_tensors()) if legacy else set()
+        if not any(prefix + n in weights for n in legacy if n not in current):
+            continue
+        old = {n: weights.pop(prefix + n) for n in legacy if prefix + n in weights}
+        weights.update({prefix + n: t for n, t in module.from_legacy(old).items()})
+        upgraded = True
+    return upgraded
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

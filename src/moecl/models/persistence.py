@@ -7,12 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from moecl.adapters.state import adapter_state_dict
+from moecl.adapters.state import load_saved_state, saved_state_dict, upgrade_legacy_names
 from moecl.io import atomic_path, atomic_write_json
 from moecl.models.architectures import decoder_blocks, hidden_size
 
@@ -41,7 +40,7 @@ def save_adapters(model: nn.Module, directory: str | Path, meta: dict[str, Any])
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in saved_state_dict(model).items()}
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     atomic_write_json(directory / CONFIG_NAME, {**meta, "base_model": describe_base(model.base_model)})
@@ -65,7 +64,8 @@ def load_adapters(
     model: nn.Module, directory: str | Path, meta: dict[str, Any], optional: frozenset[str] = frozenset()
 ) -> None:
     """Copy the saved adapter tensors into ``model``, built with the saved structure. Keys in
-    ``optional`` (tensors newer than some saved folders) keep the model's value when absent."""
+    ``optional`` (tensors newer than some saved folders) keep the model's value when absent.
+    Folders from before the stacked expert layout (``frozen_A``/``expert_A``...) load as well."""
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     expected, actual = meta["base_model"], describe_base(model.base_model)
@@ -77,18 +77,18 @@ def load_adapters(
                 f"model has {key}={actual[key]!r}; load them onto the base model they were trained on"
             )
     weights = load_file(str(directory / WEIGHTS_NAME))
-    own = {k: v for k, v in adapter_state_dict(model).items() if k in weights or k not in optional}
+    upgrade_legacy_names(model, weights)
+    own = {k: v for k, v in saved_state_dict(model).items() if k in weights or k not in optional}
     if set(weights) != set(own):
         missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
         raise ValueError(
             f"{directory / WEIGHTS_NAME} does not match {config_path}: missing {missing[:5]}, "
             f"unexpected {extra[:5]}; the directory mixes files of different runs"
         )
-    with torch.no_grad():
-        for key, tensor in own.items():
-            if weights[key].shape != tensor.shape:
-                raise ValueError(
-                    f"{directory / WEIGHTS_NAME}: tensor {key} has shape {tuple(weights[key].shape)}, "
-                    f"the model expects {tuple(tensor.shape)}; the config and weights disagree"
-                )
-            tensor.copy_(weights[key])
+    for key, tensor in own.items():
+        if weights[key].shape != tensor.shape:
+            raise ValueError(
+                f"{directory / WEIGHTS_NAME}: tensor {key} has shape {tuple(weights[key].shape)}, "
+                f"the model expects {tuple(tensor.shape)}; the config and weights disagree"
+            )
+    load_saved_state(model, weights)

@@ -51,9 +51,9 @@ class PMoEModel(AdapterModel):
     CONFIG = PMoEConfig
     CONFIG_KEY = "pmoe"
     TASKS_KEY = "num_experts"
-    # Folders saved before frozen router columns and logit offsets existed have neither; empty
-    # frozen columns and zero offsets are what those routers were.
-    OPTIONAL_KEYS = frozenset({"router.frozen", "router.bias"})
+    # Folders saved before the router had logit offsets lack them; zero offsets are what those
+    # routers were.
+    OPTIONAL_KEYS = frozenset({"router.bias"})
 
     def __init__(self, base_model: PreTrainedModel, config: PMoEConfig | None = None):
         self.config = config or PMoEConfig()
