@@ -108,38 +108,45 @@ def test_bad_data_stops_before_a_run_folder_exists(tmp_path):
     assert not out.exists()
 
 
-def test_two_process_accelerate_launch_on_cpu(tmp_path):
+def test_two_processes_give_the_numbers_of_one_at_the_same_effective_batch(tmp_path):
+    """DDP over gloo with 2 processes x micro-batch 4 against 1 process accumulating 2 x 4: the
+    same 8 examples per optimizer step, so the same losses (to float rounding) and scores. No
+    replay, so every task has 6 micro-batches, a multiple of the process count (otherwise
+    accelerate fills a task's last step with its first examples: that one step differs)."""
     env = _env(tmp_path)
-    out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "moecl.cli.main",
-        *FAST,
-        "epochs=1",
-        "micro_batch_size=4",
-        "--out",
-        str(out),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    same = [*FAST, "epochs=8", "batch_size=8", "micro_batch_size=4", "replay=0"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "moecl.cli.main"]
+    done = subprocess.run([*cmd, *same, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run folder:") == 1  # one process reports
-    results = json.loads((out / "results.json").read_text())
-    assert len(results["R"]) == 4
-    # Sharded data: each optimizer step sees 4 examples per process, so a 24-example task takes 3 steps.
-    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert max(s["step"] for s in steps if s["task"] == 0) == 3
+    one = _moecl([*same, "--out", str(tmp_path / "one")], env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    # Sharded data: each optimizer step sees 4 examples per process, so a 24-example task takes 3
+    # steps an epoch.
+    logs = {
+        n: [json.loads(line) for line in (tmp_path / n / "log.jsonl").read_text().splitlines()] for n in ("one", "two")
+    }
+    assert max(s["step"] for s in logs["two"] if s["task"] == 0) == 3 * 8
+    assert [(s["task"], s["step"]) for s in logs["one"]] == [(s["task"], s["step"]) for s in logs["two"]]
+    for a, b in zip(logs["one"], logs["two"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), (a, b)
+    two, one = _numbers(tmp_path / "two"), _numbers(tmp_path / "one")
+    assert len(two["R"]) == 4 and two["R"] == one["R"] and two["OP"] == one["OP"]
+    assert (
+        max(v for row in two["R"] for v in row if v is not None) > 50
+    )  # it learned something, so equal scores say something
+    for a, b in zip(one["router_allocation"], two["router_allocation"], strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+    # The shipped FSDP config on CPU processes: Accelerate runs data parallelism instead, and the
+    # run says so at start rather than pretending to shard.
+    fsdp = ["--config_file", str(Path(__file__).parents[2] / "configs" / "accelerate" / "fsdp.yaml")]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *fsdp, "--num_processes", "2", "-m", "moecl.cli.main"]
+    done = subprocess.run([*cmd, *same, "--out", str(tmp_path / "fsdp")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = " ".join(done.stdout.split())  # rich wraps long lines
+    assert "the launch asked for FSDP, but Accelerate runs this as MULTI_CPU over 2 process(es)" in said
+    assert _numbers(tmp_path / "fsdp")["R"] == one["R"]
 
 
 def test_mid_task_checkpoints_resume_after_sigkill_to_the_same_numbers(tmp_path):

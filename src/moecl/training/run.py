@@ -141,6 +141,8 @@ class Run:
         self.accelerator = make_accelerator(device, precision)
         self.main = self.accelerator.is_main_process
         self.console = console or Console()
+        if self.main and (note := engine_mismatch(self.accelerator)):
+            self.console.print(f"[yellow]note: {note}[/]")
         self.method: Method = METHODS[config.method](config)
         state_path = out / "state.json"
         self.state: dict[str, Any] = (
@@ -474,6 +476,25 @@ def make_accelerator(device: torch.device, precision: str) -> Accelerator:
     # cpu=True on a machine without CUDA: that is what makes `accelerate launch` start gloo
     # data parallelism over CPU processes instead of one independent run per process.
     return Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+
+
+def engine_mismatch(accelerator: Accelerator) -> str | None:
+    """What the ``accelerate launch`` config asked for and this run does not get, said at start.
+    Accelerate (1.15) takes FSDP and DeepSpeed only on accelerator devices: CPU processes launched
+    with ``configs/accelerate/fsdp.yaml`` run plain data parallelism over gloo instead."""
+    from accelerate.utils import DistributedType
+
+    for variable, engine, wanted in (
+        ("ACCELERATE_USE_FSDP", "FSDP", DistributedType.FSDP),
+        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", DistributedType.DEEPSPEED),
+    ):
+        if os.environ.get(variable, "false").lower() == "true" and accelerator.distributed_type != wanted:
+            return (
+                f"the launch asked for {engine}, but Accelerate runs this as {accelerator.distributed_type.value} "
+                f"over {accelerator.num_processes} process(es): it takes {engine} only on GPUs (and other "
+                "accelerators). Results are those of data parallelism; no memory is sharded"
+            )
+    return None
 
 
 def _kept(record: dict[str, Any], completed: int, partial: dict[str, Any] | None) -> bool:

@@ -86,6 +86,7 @@ def train_task(
     # would step it once per process).
     schedule = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     step, micro, tokens, padded, last_loss = 0, 0, 0, 0, float("nan")
+    window_loss, window = torch.zeros(()), 0  # the micro-batches of the optimizer step in progress
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
@@ -117,12 +118,16 @@ def train_task(
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            window_loss, window = window_loss.to(loss.device) + loss.detach().float(), window + 1
             tokens += int(batch["attention_mask"].sum())
             padded += batch["attention_mask"].numel()
             if accelerator.sync_gradients:
                 schedule.step()
                 step += 1
-                last_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
+                # The step's loss: the mean over its whole effective batch (every micro-batch of
+                # every process), so logs read the same whatever the number of processes.
+                last_loss = float(accelerator.reduce(window_loss / window, reduction="mean"))
+                window_loss, window = torch.zeros((), device=loss.device), 0
                 extra = method.step_log(model, batch)  # only on logged steps: it reads values back
                 log(
                     {
