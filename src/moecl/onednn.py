@@ -9,9 +9,11 @@ gradient ``g W`` (the same kernel on the transposed view of ``W``) and, for a tr
 (the adapters' ``A`` and ``B``), its gradient ``g^T x``.
 
 The fast path is taken only where it is the same computation: float32 input and weight on the
-CPU, outside ``torch.compile`` tracing (the compiler picks its own kernels). Anything else, e.g. a
-GPU or a bf16 model, is plain ``F.linear``. Results equal ``F.linear``'s up to float rounding (a
-different summation order); the tests hold both to that.
+CPU. Anything else, e.g. a GPU or a bf16 model, is plain ``F.linear``. Under ``torch.compile``
+the products go through the custom operator ``moecl::onednn_linear`` (the same kernels, with its
+shape function and gradient registered), which the compiler keeps as one opaque call while it
+fuses what lies between them; eager mode uses the cheaper ``autograd.Function``. Results equal
+``F.linear``'s up to float rounding (a different summation order); the tests hold both to that.
 
 :func:`use_onednn` converts a model's ``nn.Linear`` layers in place; the adapters call
 :func:`linear` for their own low-rank products.
@@ -60,17 +62,45 @@ class _Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+@torch.library.custom_op("moecl::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`linear` as an operator ``torch.compile`` can trace: ``x (..., in) -> (..., out)``."""
+    return _onednn(x, weight, bias)
+
+
+@onednn_linear.register_fake
+def _onednn_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _onednn_linear_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x if weight.requires_grad else None, weight)
+    ctx.bias_grad = bias is not None and bias.requires_grad
+
+
+def _onednn_linear_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = onednn_linear(grad, weight.t().contiguous(), None)
+    if ctx.needs_input_grad[1]:
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_w = onednn_linear(g2.t().contiguous(), x2.t().contiguous(), None)
+    if ctx.bias_grad:
+        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, grad_w, grad_b
+
+
+onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_context)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, on oneDNN where that is the same computation (module docstring)."""
-    if not (
-        ENABLED
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and x.is_cpu
-        and weight.is_cpu
-        and not torch.compiler.is_compiling()
-    ):
+    if not (ENABLED and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.is_cpu and weight.is_cpu):
         return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return onednn_linear(x, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _Linear.apply(x, weight, bias)
     return _onednn(x, weight, bias)  # nothing to differentiate: evaluation, or frozen layer on frozen input

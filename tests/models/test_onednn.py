@@ -41,7 +41,22 @@ def test_weight_gradient_of_low_rank_shapes(shape):
     torch.testing.assert_close(fast, g.T @ x, rtol=1e-5, atol=1e-4)
 
 
-def test_other_dtypes_and_compiled_code_take_the_plain_path():
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_the_compilers_operator_equals_f_linear_and_passes_opcheck(weight_grad):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    w = torch.randn(7, 12, requires_grad=weight_grad)
+    b = torch.randn(7, requires_grad=weight_grad)
+    torch.library.opcheck(onednn.onednn_linear, (x, w, b))  # shape function and gradient registration
+    g = torch.randn(2, 5, 7)
+    leaves = [x, w, b] if weight_grad else [x]
+    fast = torch.autograd.grad((onednn.onednn_linear(x, w, b) * g).sum(), leaves)
+    slow = torch.autograd.grad((F.linear(x, w, b) * g).sum(), leaves)
+    for f, s in zip(fast, slow, strict=True):
+        torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-4)
+
+
+def test_other_dtypes_take_the_plain_path():
     x, w = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(6, 8, dtype=torch.bfloat16)
     assert torch.equal(linear(x, w), F.linear(x, w))
     onednn.ENABLED = False
