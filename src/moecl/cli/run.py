@@ -259,12 +259,13 @@ def general_command(args: argparse.Namespace, console: Console) -> int:
     record: dict[str, Any] = {"model": model_name, "suite": args.suite, "limit": limit}
     if config is None:
         table = Table(title=f"{model_name} on the {args.suite} suite ({seconds:.0f} s, or cached)")
-        for column in ("benchmark", "metric", "n", "score ± SE", "chance"):
+        for column in ("benchmark", "shots", "metric", "n", "score ± SE", "chance"):
             table.add_column(column, justify="left" if column in ("benchmark", "metric") else "right")
         for name, s in before.items():
             chance = BENCHMARKS[name].chance
             shown = "–" if chance is None else f"{100 * chance:.0f}"
-            table.add_row(name, s.metric, str(s.n), f"{s.score:.1f} ± {s.se:.1f}", shown)
+            shots = str(BENCHMARKS[name].shots)
+            table.add_row(name, shots, s.metric, str(s.n), f"{s.score:.1f} ± {s.se:.1f}", shown)
         console.print(table)
         record["scores"] = {n: s.to_json() for n, s in before.items()}
         record["seconds"] = round(seconds, 1)

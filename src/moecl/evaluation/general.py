@@ -123,7 +123,8 @@ class Benchmark:
     ``metric``: which of lm-eval's per-item results is the score (``acc_norm``: the
     log-likelihood divided by the choice's length in characters, the usual choice for
     sentence-long endings), under lm-eval's filter ``filter``. ``chance``: the score of a random
-    answer (``None`` where it has none, as for free-form answers).
+    answer (``None`` where it has none, as for free-form answers); ``shots``: exemplars per
+    prompt (shown beside the scores).
     """
 
     name: str
