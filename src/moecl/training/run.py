@@ -418,14 +418,20 @@ class Run:
         start = time.perf_counter()
         after = score_suite(scored, base, tokenizer, cfg.general, cfg.general_limit, cfg.eval_batch_size)
         before = {n: BenchmarkScore(n, s["metric"], s["items"]) for n, s in self.state["general_before"].items()}
-        out = {**paired(before, after), "general_suite": cfg.general, "general_scored_with": note}
+        seconds = round(time.perf_counter() - start, 1)
+        out = {
+            **paired(before, after),
+            "general_suite": cfg.general,
+            "general_scored_with": note,
+            "general_seconds": seconds,  # this process's time for the after-stream pass
+        }
         if self.main:
             atomic_write_json(
                 self.out / "general.json",
                 {"before": self.state["general_before"], "after": {n: s.to_json() for n, s in after.items()}},
             )
             self.console.print(general_table(out, f"general ability ({cfg.general} suite)"))
-            self.console.print(f"general ability after the stream scored in {time.perf_counter() - start:.0f} s")
+            self.console.print(f"general ability after the stream scored in {seconds:.0f} s")
         return out
 
     def phases(self) -> list[list[int]]:
