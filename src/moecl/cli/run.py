@@ -351,7 +351,8 @@ def route_command(args: argparse.Namespace, console: Console) -> int:
     pieces, probs = token_routes(model, tokenizer, text)
     console.print(route_text(pieces, probs, tasks[: probs.shape[-1]]))
     out = args.out or args.run_dir / "route.html"
-    atomic_write_text(out, route_html(pieces, probs, tasks[: probs.shape[-1]], f"Routing of {args.run_dir.name}"))
+    title = f"Routing of {config.method} on {config.model}, seed {config.seed} ({args.run_dir})"
+    atomic_write_text(out, route_html(pieces, probs, tasks[: probs.shape[-1]], title))
     console.print(f"\nwrote {out}")
     return 0
 
