@@ -62,6 +62,9 @@ def plot_sweep(name: str, points: list[dict[str, Any]], tasks: list[str], path: 
     twin = cost.twinx()
     twin.plot(x, [p["trainable_params"] / 1e6 for p in points], marker="s", color="tab:gray")
     twin.set_ylabel("trainable parameters (M)", color="tab:gray")
+    # From zero, with headroom: a few percent of timing noise must not look like a trend.
+    cost.set_ylim(0, 1.2 * max(p["seconds_per_step"] for p in points))
+    twin.set_ylim(0, 1.2 * max(p["trainable_params"] / 1e6 for p in points))
     cost.set_title("training cost")
     for ax, point in zip(axes[3:], ends, strict=True):
         matrix = np.asarray(point["allocation"])
