@@ -23,6 +23,13 @@ from moecl.data.trace import Example
 from moecl.methods.base import Method
 from moecl.training.batches import Collator, LengthGroupedBatches, answer_loss
 from moecl.training.config import RunConfig
+from moecl.training.sharding import (
+    gather_trained,
+    load_optimizer_state,
+    optimizer_state,
+    replica_of,
+    shards_parameters,
+)
 
 
 def accumulation_steps(config: RunConfig, processes: int) -> int:
@@ -67,8 +74,14 @@ def train_task(
     the consumed micro-batches are skipped untrained, so every later batch, RNG draw and update
     is the one an uninterrupted run makes.
 
+    Under an engine that shards parameters (FSDP, DeepSpeed) the task trains a replica of
+    ``model`` and copies the trained tensors back into it at the end and before each mid-task
+    checkpoint (:mod:`moecl.training.sharding`); ``model`` itself stays plain.
+
     Returns the task's training statistics (steps, tokens, seconds, last loss).
     """
+    sharded = shards_parameters(accelerator)
+    trained = replica_of(model) if sharded else model  # what the engine takes over
     accum = accumulation_steps(config, accelerator.num_processes)
     generator = torch.Generator().manual_seed(random.Random(f"order:{config.seed}:{task_index}").randrange(2**31))
     if config.length_window > 1:
@@ -81,19 +94,19 @@ def train_task(
         )
     micro_per_epoch = math.ceil(len(items) / (config.micro_batch_size * accelerator.num_processes))
     total_steps = max(1, math.ceil(micro_per_epoch * config.epochs / accum))
-    optimizer = torch.optim.AdamW(method.parameter_groups(model), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(method.parameter_groups(trained), lr=config.lr, weight_decay=config.weight_decay)
     # The schedule is stepped by hand once per optimizer step (not handed to accelerate, which
     # would step it once per process).
     schedule = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     step, micro, tokens, padded, last_loss = 0, 0, 0, 0, float("nan")
     window_loss, window = 0.0, 0  # summed loss and count of the optimizer step's micro-batches so far
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
+    accelerator.gradient_accumulation_steps = accum
+    ddp_model, optimizer, loader = accelerator.prepare(trained, optimizer, loader)
+    if resume is not None:  # after prepare: a sharding engine loads each process's shard
+        load_optimizer_state(trained, optimizer, resume["optimizer"], sharded)
         schedule.load_state_dict(resume["schedule"])
         step, tokens, last_loss = resume["step"], resume["tokens"], resume["last_loss"]
         padded = resume.get("padded", tokens)  # checkpoints from before the padding count: none counted
-    accelerator.gradient_accumulation_steps = accum
-    ddp_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ddp_model.train()
     keep_logits = "logits_to_keep" in inspect.signature(base_forward(model)).parameters
     started = time.perf_counter()
@@ -107,7 +120,7 @@ def train_task(
                 continue
             with accelerator.accumulate(ddp_model):
                 lm_loss = answer_loss(ddp_model, batch, keep_logits, method.forward_kwargs(batch))
-                loss = method.loss(model, batch, lm_loss)
+                loss = method.loss(trained, batch, lm_loss)
                 if not bool(torch.isfinite(loss.detach())):
                     raise NonFiniteLoss(
                         f"training {task_name or f'phase {task_index + 1}'}, optimizer step {step + 1}: the loss is "
@@ -128,7 +141,7 @@ def train_task(
                 # every process), so logs read the same whatever the number of processes.
                 last_loss = float(accelerator.reduce(window_loss / window, reduction="mean"))
                 window_loss, window = 0.0, 0
-                extra = method.step_log(model, batch)  # only on logged steps: it reads values back
+                extra = method.step_log(trained, batch)  # only on logged steps: it reads values back
                 log(
                     {
                         "task": task_index,
@@ -141,6 +154,8 @@ def train_task(
                 if advance is not None:
                     advance()
                 if save is not None and config.save_every and step % config.save_every == 0 and step < total_steps:
+                    if sharded:
+                        gather_trained(trained, model)
                     save(
                         {
                             "step": step,
@@ -148,13 +163,15 @@ def train_task(
                             "tokens": tokens,
                             "padded": padded,
                             "last_loss": last_loss,
-                            "optimizer": optimizer.state_dict(),
+                            "optimizer": optimizer_state(trained, optimizer, sharded),
                             "schedule": schedule.state_dict(),
                             "torch_rng": torch.get_rng_state(),
                             "python_rng": random.getstate(),
                         }
                     )
     ddp_model.eval()
+    if sharded:
+        gather_trained(trained, model)
     accelerator.free_memory()  # drop accelerate's references before the next task re-prepares
     return {
         "steps": step,
