@@ -55,6 +55,23 @@ def test_a_replica_aliases_the_frozen_tensors_and_owns_the_trained_ones():
     assert bank.gate is replica.gate and replica.gate is not model.gate
 
 
+def _auto_wrapped(model) -> list:
+    """The submodules Accelerate's FSDP2 prepare shards on their own (``fully_shard``, bottom up)
+    under ``fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP`` (configs/accelerate/fsdp.yaml)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy, get_module_children_bottom_up
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    plugin.set_auto_wrap_policy(model)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    return [m for m in get_module_children_bottom_up(model)[:-1] if policy(m)]
+
+
+def test_accelerates_fsdp_auto_wrap_shards_an_adapter_model_block_by_block():
+    model = _pmoe(1)
+    assert _auto_wrapped(model) == list(model.base_model.model.layers)
+
+
 def _fsdp_worker(rank: int, world: int, init: str, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
@@ -65,9 +82,9 @@ def _fsdp_worker(rank: int, world: int, init: str, out: str) -> None:
     ids = random_tokens(4, 12)
     mine = ids[rank * 2 : (rank + 1) * 2]  # the process's half of each batch
 
-    def shard(module):
-        for layer in module.base_model.model.layers:
-            fully_shard(layer)
+    def shard(module):  # as Accelerate's FSDP2 prepare does, with its transformer auto-wrap policy
+        for block in _auto_wrapped(module):
+            fully_shard(block)
         return fully_shard(module)
 
     def steps(module, optimizer, batch, n):

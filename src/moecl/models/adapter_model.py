@@ -74,6 +74,12 @@ class AdapterModel(nn.Module):
         self._check_targets()
         self._forward_params = set(inspect.signature(base_model.forward).parameters)
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The base model's decoder-block classes, which Accelerate's FSDP auto-wrap reads off the
+        model it prepares to shard block by block (without them it shards the model as one unit)."""
+        return list(getattr(self.base_model, "_no_split_modules", None) or [])
+
     def _check_targets(self) -> None:
         available = sorted({p for block in self.blocks for p in _linear_paths(block)})
         for target in self.target_modules:
