@@ -120,5 +120,34 @@ def test_compare_prints_floors_cis_and_paired_differences_of_hand_made_runs(tmp_
     assert 0.0 <= paired["OP"]["low"] < 12.5 < paired["OP"]["high"] <= 50.0
     assert paired["OP"]["seeds"] == 3
     assert "| vs LoRA | Δ OP [95% CI] | Δ BWT [95% CI] | paired seeds |" in text
+    assert "delta_RG" not in paired  # no general.json: no general column
     with pytest.raises(ValueError, match="--reference 'nope' is not a column"):
         write_comparison([other, ref], out, ["PMoE", "LoRA"], reference="nope")
+
+
+def test_paired_delta_rg_is_the_difference_of_the_mean_change_over_benchmarks(tmp_path):
+    """Two benchmarks; each seed's base scores differ, PMoE's after-stream items are LoRA's with
+    one HellaSwag item of 4 lost more: Delta R^G lower by 25 / 2 = 12.5 in every seed."""
+    folders = {"pmoe": tmp_path / "pmoe", "lora": tmp_path / "lora"}
+    deltas = {name: [] for name in folders}
+    for seed in range(3):
+        # general.json's items are 1/0 per item (BenchmarkScore); its scores are in points
+        before = {"hellaswag": [1.0, 1.0, 0.0, float(seed % 2)], "piqa": [1.0, 0.0, 1.0]}
+        after_lora = {"hellaswag": [1.0, 0.0, 0.0, float(seed % 2)], "piqa": [1.0, 0.0, 0.0]}
+        after_pmoe = {"hellaswag": [0.0, 0.0, 0.0, float(seed % 2)], "piqa": [1.0, 0.0, 0.0]}
+        for name, after in (("pmoe", after_pmoe), ("lora", after_lora)):
+            folder = folders[name] / f"seed-{seed}"
+            _run_folder(folder, seed, [[100.0, 0.0, 100.0, 0.0], [0.0, 100.0]], [[100.0] * 4, [0.0, 100.0]])
+            general = {
+                side: {b: {"metric": "acc", "items": items} for b, items in scores.items()}
+                for side, scores in (("before", before), ("after", after))
+            }
+            (folder / "general.json").write_text(json.dumps(general))
+            deltas[name].append(np.mean([100 * (np.mean(after[b]) - np.mean(before[b])) for b in before]))
+    out = tmp_path / "cmp"
+    text = write_comparison([folders["pmoe"], folders["lora"]], out, ["PMoE", "LoRA"], reference="LoRA")
+    d = json.loads((out / "compare.json").read_text())["paired"]["differences"]["PMoE"]["delta_RG"]
+    assert d["diff"] == pytest.approx(np.mean(deltas["pmoe"]) - np.mean(deltas["lora"])) == pytest.approx(-12.5)
+    # Only HellaSwag's first item differs (by -100): resampled, the difference ranges from 0 to -50.
+    assert -50.0 <= d["low"] < -12.5 < d["high"] <= 0.0 and d["seeds"] == 3
+    assert "Δ Delta R^G [95% CI]" in text and "-12.50 [" in text

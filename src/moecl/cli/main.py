@@ -53,9 +53,10 @@ Compare finished runs over the same task stream. Each RUN_DIR is a `moecl run` f
 folder of seed-<s>/ runs made with --seeds. Rows: each task's final score, then OP, BWT and the
 trainable share of parameters; columns: the floors (majority class, base model zero-shot), then
 the runs, each cell the mean ± the half-width of a 95% confidence interval over seeds.
---reference LABEL adds each column's paired difference to that column in OP and BWT: a
-bootstrap over (seed, test item) that pairs the same seeds and items, marked * when its 95%
-interval excludes 0 (the difference is resolved).
+--reference LABEL adds each column's paired difference to that column in OP and BWT (and in
+Delta R^G where both columns scored general ability): a bootstrap over (seed, test item) that
+pairs the same seeds and items, marked * when its 95% interval excludes 0 (the difference is
+resolved).
 
 Writes to --out: compare.md (Markdown), compare.csv (mean, ci95, n per column), compare.json and
 r_matrices.png (each run's R matrix as a heat map, mean over seeds).
@@ -154,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--reference",
         metavar="LABEL",
-        help="a column's label: add every other column's paired difference to it in OP and BWT, with a "
-        "bootstrap 95%% CI over (seed, test item) and whether it excludes 0",
+        help="a column's label: add every other column's paired difference to it in OP, BWT and Delta R^G, "
+        "with a bootstrap 95%% CI over (seed, test item) and whether it excludes 0",
     )
     compare.set_defaults(handler=compare_command)
     study = commands.add_parser(

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from moecl.io import atomic_path, atomic_write_json, atomic_write_text
-from moecl.reports.stats import ItemScores, item_scores, mean_ci, paired_bootstrap
+from moecl.reports.stats import ItemScores, general_item_scores, item_scores, mean_ci, paired_bootstrap
 from moecl.reports.tables import markdown_table
 from moecl.training.config import DEFAULT_REPLAY
 
@@ -55,6 +55,11 @@ class MethodRuns:
     def item_scores(self) -> dict[int, ItemScores]:
         """Per seed, the per-item scores the paired bootstrap resamples."""
         return {r["seed"]: item_scores(folder, r) for folder, r in zip(self.folders, self.results, strict=True)}
+
+    def general_item_scores(self) -> dict[int, ItemScores] | None:
+        """Per seed, the per-item general-ability changes; ``None`` unless every seed has them."""
+        scores = {r["seed"]: general_item_scores(folder) for folder, r in zip(self.folders, self.results, strict=True)}
+        return None if any(v is None for v in scores.values()) else scores
 
     def routing(self) -> tuple[list[float], list[float]]:
         """Per seed (routed runs only): the diagonal mass at the end of the stream, and the mean
@@ -197,22 +202,23 @@ def markdown(columns: list[MethodRuns], paired: dict[str, Any] | None = None) ->
 
 
 def paired_differences(columns: list[MethodRuns], reference: str, samples: int = 10_000) -> dict[str, Any]:
-    """Every column's paired difference against ``reference`` in OP and BWT (bootstrap 95% CI)."""
+    """Every column's paired difference against ``reference`` in OP and BWT (bootstrap 95% CI),
+    and in Delta R^G where both columns scored general ability."""
     labels = [c.label for c in columns]
     if reference not in labels:
         raise ValueError(f"--reference {reference!r} is not a column; columns: {', '.join(labels)}")
     ref = columns[labels.index(reference)]
     convention = ref.results[0].get("bwt_convention", "seed")
-    ref_items = ref.item_scores()
-    return {
-        "reference": reference,
-        "bootstrap_samples": samples,
-        "differences": {
-            c.label: paired_bootstrap(c.item_scores(), ref_items, convention, samples)
-            for c in columns
-            if c.label != reference
-        },
-    }
+    ref_items, ref_general = ref.item_scores(), ref.general_item_scores()
+    differences = {}
+    for c in columns:
+        if c.label == reference:
+            continue
+        differences[c.label] = paired_bootstrap(c.item_scores(), ref_items, convention, samples)
+        general = c.general_item_scores()
+        if general is not None and ref_general is not None:
+            differences[c.label]["delta_RG"] = paired_bootstrap(general, ref_general, samples=samples)["OP"]
+    return {"reference": reference, "bootstrap_samples": samples, "differences": differences}
 
 
 def paired_markdown(paired: dict[str, Any]) -> str:
@@ -222,12 +228,18 @@ def paired_markdown(paired: dict[str, Any]) -> str:
         mark = " *" if d["excludes_zero"] else ""
         return f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]{mark}"
 
-    rows = [[label, cell(d["OP"]), cell(d["BWT"]), str(d["OP"]["seeds"])] for label, d in paired["differences"].items()]
-    header = ["vs " + paired["reference"], "Δ OP [95% CI]", "Δ BWT [95% CI]", "paired seeds"]
+    general = any("delta_RG" in d for d in paired["differences"].values())
+    rows = [
+        [label, cell(d["OP"]), cell(d["BWT"]), *([cell(d.get("delta_RG"))] if general else []), str(d["OP"]["seeds"])]
+        for label, d in paired["differences"].items()
+    ]
+    header = ["vs " + paired["reference"], "Δ OP [95% CI]", "Δ BWT [95% CI]"]
+    header += ["Δ Delta R^G [95% CI]"] if general else []
+    note = " (Delta R^G: over seed and general-ability item)" if general else ""
     return (
-        markdown_table(header, rows)
+        markdown_table([*header, "paired seeds"], rows)
         + "\nPaired over (seed, test item), bootstrap with "
-        + f"{paired['bootstrap_samples']:,} replicates; * the interval excludes 0 (the difference is resolved).\n"
+        + f"{paired['bootstrap_samples']:,} replicates{note}; * the interval excludes 0 (the difference is resolved).\n"
     )
 
 

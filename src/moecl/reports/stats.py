@@ -61,6 +61,26 @@ def item_scores(run_dir: Path, results: dict[str, Any]) -> ItemScores:
     return ItemScores([p for p, _ in finals], [s for _, s in finals], diag)
 
 
+def general_item_scores(run_dir: Path) -> ItemScores | None:
+    """A run's general-ability change per item, ``after - before`` (``general.json``), one
+    benchmark per "task", so that :func:`paired_bootstrap`'s OP difference of two runs is their
+    difference in Delta R^G (Eq. 6: the mean over benchmarks of the mean change), resampled over
+    (seed, item). ``None`` when the run scored no general ability."""
+    path = run_dir / "general.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    names = sorted(data["after"])
+    # items are 1/0 per manifest item; scores and Delta R^G are in points
+    change = [
+        100.0 * (np.array(data["after"][n]["items"], float) - np.array(data["before"][n]["items"], float))
+        for n in names
+    ]
+    return ItemScores(
+        [[f"{n} item {i}" for i in range(len(c))] for n, c in zip(names, change, strict=True)], change, None
+    )
+
+
 def bwt_from_means(final: np.ndarray, diag: np.ndarray, convention: str) -> np.ndarray:
     """BWT from per-task mean scores ``(..., T)`` under a convention of :mod:`moecl.evaluation.continual`."""
     diffs = final - diag
