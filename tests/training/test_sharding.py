@@ -4,13 +4,13 @@ replica path against its plain path."""
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import build_tiny, random_tokens
 
 from moecl.models.pmoe import PMoEModel
 from moecl.models.pmoe_config import PMoEConfig
@@ -18,9 +18,6 @@ from moecl.training import trainer
 from moecl.training.config import config_from_options
 from moecl.training.run import run
 from moecl.training.sharding import gather_trained, load_optimizer_state, optimizer_state, replica_of
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from conftest import build_tiny, random_tokens  # noqa: E402
 
 
 def _pmoe(experts: int) -> PMoEModel:

@@ -55,14 +55,14 @@ def replica_of(model: nn.Module) -> nn.Module:
 def gather_trained(replica: nn.Module, model: nn.Module) -> None:
     """Copy the replica's trainable parameters into ``model`` (same names), whole: a ``DTensor``
     shard is all-gathered, a ZeRO-3 partition gathered by DeepSpeed. A collective under a
-    sharding engine: every process calls it, in the same order."""
+    sharding engine: every process calls it, in the same order. Nothing to do when no replica
+    was made (``replica is model``)."""
+    if replica is model:
+        return
     plain = dict(model.named_parameters())
-    for name, param in _trainable(replica):
-        plain[name].copy_(_whole(param))
-
-
-def _trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    for name, param in replica.named_parameters():
+        if param.requires_grad:
+            plain[name].copy_(_whole(param))
 
 
 def _whole(param: nn.Parameter) -> torch.Tensor:

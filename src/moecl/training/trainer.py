@@ -154,8 +154,7 @@ def train_task(
                 if advance is not None:
                     advance()
                 if save is not None and config.save_every and step % config.save_every == 0 and step < total_steps:
-                    if sharded:
-                        gather_trained(trained, model)
+                    gather_trained(trained, model)
                     save(
                         {
                             "step": step,
@@ -170,8 +169,7 @@ def train_task(
                         }
                     )
     ddp_model.eval()
-    if sharded:
-        gather_trained(trained, model)
+    gather_trained(trained, model)
     accelerator.free_memory()  # drop accelerate's references before the next task re-prepares
     return {
         "steps": step,
