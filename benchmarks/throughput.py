@@ -13,6 +13,8 @@ One process, three measurements:
     samples of the default stream's training examples, counting real (unpadded) tokens;
 (c) greedy generation on the default stream's test prompts: prompts/s and new tokens/s.
 
+Like ``moecl``, it first lets MKL use its Intel kernels on an AMD CPU (``moecl.mkl``; that holds
+for the whole process, both variants included; ``--keep-mkl`` measures MKL's generic path).
 (b) and (c) run two variants interleaved round by round: ``before`` (shuffled micro-batches,
 every product on PyTorch's default kernel, LoRA computed apart from its base layer: the code
 before issue 14) and ``now`` (length-grouped micro-batches, products on oneDNN, the shallow LoRA
@@ -43,6 +45,7 @@ from moecl.adapters.lora import LoRALinear
 from moecl.data.trace import Example, Task
 from moecl.evaluation.generation import generate
 from moecl.methods import METHODS
+from moecl.mkl import unlock_mkl
 from moecl.models.loading import byte_tokenizer, load_model
 from moecl.training.batches import Collator, LengthGroupedBatches
 from moecl.training.config import RunConfig
@@ -145,7 +148,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per task per round")
     parser.add_argument("--eval-prompts", type=int, default=32, help="test prompts per task per round")
+    parser.add_argument(
+        "--keep-mkl", action="store_true", help="leave MKL's generic path on AMD CPUs (moecl.mkl; the CLI unlocks it)"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="then profile `now`'s steps on the first task; print the top operators"
+    )
     args = parser.parse_args()
+    mkl = "kept (--keep-mkl)" if args.keep_mkl else unlock_mkl()  # before any product, as `moecl` does
     console = Console()
     onednn.keep_freed_memory()  # as `moecl run` does
     torch.manual_seed(0)
@@ -188,6 +198,7 @@ def main() -> None:
                 evals[variant].append((new_tokens, time.perf_counter() - start))
         console.print(f"round {round_ + 1} of {args.rounds} done")
 
+    console.print(f"MKL on this CPU: {mkl}")
     console.print(f"model: {model_name}, N = {n_params / 1e6:.1f}M non-embedding weights; {rows} rows per product")
     table = Table(title="(a) float32 matmul rate at the model's projection shapes")
     table.add_column("kernel")
@@ -222,6 +233,11 @@ def main() -> None:
         n_s = statistics.median(n / s for n, s in evals[variant])
         table.add_row(variant, f"{p_s[variant]:.2f}", f"{n_s:.1f}", f"{p_s[variant] / p_s['before']:.2f}x")
     console.print(table)
+    if args.profile:
+        cfg = replace(config, length_window=VARIANTS["now"]["length_window"], epochs=1, save_every=0)
+        with kernels(True), torch.profiler.profile() as prof:
+            train_task(accelerator, method, model, collator, samples[0], cfg, 0, lambda record: None)
+        console.print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=48))
     console.print(f"train_mfu = {4 * n_params * tok_s['now'] / 1e9 / limit:.2f}")
 
 

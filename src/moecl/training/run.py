@@ -48,6 +48,7 @@ from moecl.evaluation.routing import Allocation, gate_summary
 from moecl.io import atomic_write_json, atomic_write_text
 from moecl.methods import METHODS
 from moecl.methods.base import Method
+from moecl.mkl import unlock_mkl
 from moecl.models.loading import cache_dir, load_model, resolve_dtype
 from moecl.onednn import keep_freed_memory
 from moecl.reports.plots import plot_allocation_phases
@@ -612,6 +613,7 @@ def run(
     tasks = load_tasks(config)  # every file is validated before anything is created or trained
     replay_extra = load_replay_extra(config)
     keep_freed_memory()  # no page faults on each step's activations (moecl.onednn)
+    unlock_mkl()  # MKL's fast kernels on AMD CPUs, where nothing has multiplied yet (moecl.mkl)
     # Only the main process holds the lock; the other ranks of `accelerate launch` are its helpers.
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process  # as the run's Accelerator sees it
     lock = RunLock(out) if main else contextlib.nullcontext()

@@ -1,0 +1,90 @@
+"""MKL's AVX-512 kernels on AMD CPUs, which PyTorch's bundled MKL withholds from them.
+
+PyTorch's CPU wheels link Intel's MKL into ``libtorch_cpu.so``. MKL picks its kernels by CPU
+vendor: on an AMD CPU it takes a generic path, whatever the CPU supports. On this project's AMD
+EPYC (Zen 5) machines that path multiplies float32 matrices at ~215 GFLOP/s on two cores, while
+the AVX-512 path reaches ~495 (``benchmarks/throughput.py``, a), and every MKL product pays
+it: ``torch.mm``/``matmul`` and the CPU flash-attention kernel's blocks (attention forward and
+backward 8.0 -> 5.0 ms per block of SmolLM2-135M on a training batch).
+
+MKL asks one internal function, ``mkl_serv_intel_cpu_true``, whether the CPU is Intel's, and
+caches its choice of kernels (``mkl_serv_cpu_detect``: 0 for the generic path, 7 for AVX-512
+here) at its first product. :func:`unlock_mkl` makes that function answer yes,
+before the first product: the well-known ``LD_PRELOAD`` shim (a library defining the function to
+return 1) done in-process, by rewriting the function's first instructions to ``mov eax, 1;
+ret``. It does nothing, and says why, anywhere else: off Linux x86-64, on an Intel CPU, on a
+PyTorch without MKL or without the symbol, or once MKL has already chosen (a product ran
+first). The kernels compute the same products as on an Intel CPU; results differ from the
+generic path's only by float rounding (another summation order), as between any two BLAS.
+
+``moecl`` calls it when its command line starts (``MOECL_MKL_UNLOCK=0`` leaves MKL alone);
+library users call it first thing, before any tensor maths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+_PATCH = b"\xb8\x01\x00\x00\x00\xc3"  # x86-64: mov eax, 1; ret
+_state: str | None = None
+
+
+def cpu_vendor() -> str:
+    """``vendor_id`` from ``/proc/cpuinfo`` (``AuthenticAMD``, ``GenuineIntel``), or ``""``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def unlock_mkl() -> str:
+    """Let MKL use its Intel kernels on this AMD CPU (module docstring); idempotent.
+
+    Returns what happened: ``"unlocked"``, or ``"skipped: <why>"``, one line a log can show.
+    """
+    global _state
+    if _state is not None:
+        return _state
+    _state = _unlock()
+    return _state
+
+
+def _unlock() -> str:
+    if os.environ.get("MOECL_MKL_UNLOCK", "1") == "0":
+        return "skipped: MOECL_MKL_UNLOCK=0"
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return f"skipped: {platform.system()} {platform.machine()} (only Linux x86-64)"
+    vendor = cpu_vendor()
+    if vendor != "AuthenticAMD":
+        return f"skipped: CPU vendor {vendor or 'unknown'} (MKL's own choice stands on non-AMD CPUs)"
+    if not torch.backends.mkl.is_available():
+        return "skipped: this PyTorch has no MKL"
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        check, detect = lib.mkl_serv_intel_cpu_true, lib.mkl_serv_cpu_detect
+    except (OSError, AttributeError):
+        return "skipped: MKL's vendor check is not an exported symbol of this PyTorch"
+    check.restype = detect.restype = ctypes.c_int
+    if check() != 0:
+        return "skipped: MKL already takes this CPU for Intel's"
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    address = ctypes.cast(check, ctypes.c_void_p).value
+    page = address & ~(mmap.PAGESIZE - 1)
+    read, write, execute = 1, 2, 4  # PROT_* of <sys/mman.h>
+    if libc.mprotect(page, 2 * mmap.PAGESIZE, read | write | execute) != 0:
+        return f"skipped: the code page is not writable (errno {ctypes.get_errno()})"
+    ctypes.memmove(address, _PATCH, len(_PATCH))
+    libc.mprotect(page, 2 * mmap.PAGESIZE, read | execute)
+    if detect() == 0:  # the generic path's code: MKL had chosen before, and keeps its choice
+        return "skipped: MKL had already chosen its kernels (unlock_mkl must run before any product)"
+    return "unlocked"

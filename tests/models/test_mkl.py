@@ -1,0 +1,63 @@
+"""unlock_mkl (moecl.mkl): MKL's Intel kernels on AMD CPUs, only before the first product.
+
+Each case runs in a fresh interpreter: MKL fixes its kernels at the first product of a process,
+and this test process has long multiplied.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moecl.mkl import cpu_vendor
+
+SCRIPT = """
+import json, sys, torch
+if sys.argv[1] == "late":
+    torch.ones(4, 4) @ torch.ones(4, 4)
+from moecl.mkl import unlock_mkl
+state = unlock_mkl()
+torch.manual_seed(0)
+a, b = torch.randn(300, 200), torch.randn(200, 100)
+q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
+mm_err = ((a @ b).double() - a.double() @ b.double()).abs().max().item()
+att = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+mask = torch.ones(40, 40, dtype=torch.bool).tril()
+w = (q.double() @ k.double().transpose(-1, -2) / 4).masked_fill(~mask, float("-inf")).softmax(-1)
+att_err = (att.double() - w @ v.double()).abs().max().item()
+print(json.dumps({"state": state, "again": unlock_mkl(), "mm_err": mm_err, "att_err": att_err}))
+"""
+
+
+def fresh(mode: str, **env: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True, env={**os.environ, **env}
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+amd_mkl = pytest.mark.skipif(
+    cpu_vendor() != "AuthenticAMD" or not torch.backends.mkl.is_available(), reason="needs MKL on an AMD CPU"
+)
+
+
+@amd_mkl
+def test_unlocked_before_the_first_product_and_the_products_stay_right():
+    result = fresh("early")
+    assert result["state"] == "unlocked" and result["again"] == "unlocked"  # idempotent
+    assert result["mm_err"] < 1e-4 and result["att_err"] < 1e-5  # against float64 references
+
+
+@amd_mkl
+def test_after_a_product_it_says_it_is_too_late():
+    result = fresh("late")
+    assert result["state"].startswith("skipped: MKL had already chosen")
+    assert result["mm_err"] < 1e-4
+
+
+def test_the_switch_leaves_mkl_alone():
+    result = fresh("early", MOECL_MKL_UNLOCK="0")
+    assert result["state"] == "skipped: MOECL_MKL_UNLOCK=0" and result["mm_err"] < 1e-4
