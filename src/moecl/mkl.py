@@ -71,20 +71,21 @@ def _unlock() -> str:
     try:
         lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
         check, detect = lib.mkl_serv_intel_cpu_true, lib.mkl_serv_cpu_detect
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
     except (OSError, AttributeError):
-        return "skipped: MKL's vendor check is not an exported symbol of this PyTorch"
+        return "skipped: MKL's vendor check (or glibc's mprotect) is not an exported symbol here"
     check.restype = detect.restype = ctypes.c_int
     if check() != 0:
         return "skipped: MKL already takes this CPU for Intel's"
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     address = ctypes.cast(check, ctypes.c_void_p).value
     page = address & ~(mmap.PAGESIZE - 1)
+    span = address + len(_PATCH) - page  # the page(s) the six bytes lie on, and no other
     read, write, execute = 1, 2, 4  # PROT_* of <sys/mman.h>
-    if libc.mprotect(page, 2 * mmap.PAGESIZE, read | write | execute) != 0:
+    if libc.mprotect(page, span, read | write | execute) != 0:
         return f"skipped: the code page is not writable (errno {ctypes.get_errno()})"
     ctypes.memmove(address, _PATCH, len(_PATCH))
-    libc.mprotect(page, 2 * mmap.PAGESIZE, read | execute)
+    libc.mprotect(page, span, read | execute)
     if detect() == 0:  # the generic path's code: MKL had chosen before, and keeps its choice
         return "skipped: MKL had already chosen its kernels (unlock_mkl must run before any product)"
     return "unlocked"
