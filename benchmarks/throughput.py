@@ -17,11 +17,11 @@ Like ``moecl``, it first lets MKL use its Intel kernels on an AMD CPU (``moecl.m
 for the whole process, both variants included; ``--keep-mkl`` measures MKL's generic path).
 (b) and (c) run two variants interleaved round by round: ``before`` (shuffled micro-batches,
 every product on PyTorch's default kernel, LoRA computed apart from its base layer: the code
-before issue 14) and ``now`` (length-grouped micro-batches, products on oneDNN, the shallow LoRA
-merged into its layer's weight). Model FLOPs count ``2 N`` per token forward and ``2 N``
-backward (the frozen base needs input gradients only), ``N`` the base model's non-embedding
-weights. The last line is ``train_mfu = X.XX``: ``now``'s real-token model FLOP rate over the
-machine's limit.
+before issue 14) and ``now`` (the library as it is: length-grouped micro-batches, products on
+the faster kernel, the shallow LoRA merged into its layer's weight, ...). Model FLOPs count
+``2 N`` per token forward and ``2 N`` backward (the frozen base needs input gradients only),
+``N`` the base model's non-embedding weights. The last line is ``train_mfu = X.XX``: ``now``'s
+real-token model FLOP rate over the machine's limit.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -113,12 +114,13 @@ def matmul_rates(model: nn.Module, rows: int, rounds: int) -> dict[str, float]:
     block = model.get_decoder().layers[0]
     shapes = [m.weight.shape for m in block.modules() if isinstance(m, nn.Linear)]
     out = {}
-    for name, use in (("PyTorch default (MKL here)", False), ("oneDNN", True)):
+    kernels = (("PyTorch default (MKL here)", F.linear), ("oneDNN", lambda x, w: onednn._onednn(x, w, None)))
+    for name, product in kernels:
         total_flops = total_time = 0.0
-        with kernels(use), torch.no_grad():
+        with torch.no_grad():
             for out_features, in_features in shapes:
                 x, w = torch.randn(rows, in_features), torch.randn(out_features, in_features)
-                total_time += best_of(lambda x=x, w=w: onednn.linear(x, w), 5 * rounds)
+                total_time += best_of(lambda x=x, w=w, product=product: product(x, w), 5 * rounds)
                 total_flops += 2 * rows * in_features * out_features
         out[name] = total_flops / total_time / 1e9
     return out

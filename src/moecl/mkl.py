@@ -58,6 +58,11 @@ def unlock_mkl() -> str:
     return _state
 
 
+def unlocked() -> bool:
+    """Whether :func:`unlock_mkl` gave MKL its Intel kernels in this process."""
+    return _state == "unlocked"
+
+
 def _unlock() -> str:
     if os.environ.get("MOECL_MKL_UNLOCK", "1") == "0":
         return "skipped: MOECL_MKL_UNLOCK=0"

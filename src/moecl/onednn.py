@@ -1,23 +1,23 @@
-"""Linear products through oneDNN on CPU: the same ``F.linear``, about twice the rate here.
+"""Linear products on CPU at the machine's rate: MKL's fast kernels where they run, else oneDNN.
 
 PyTorch multiplies float32 matrices on CPU with MKL's ``sgemm``. On the AMD EPYC (Zen 5) machines
-this project runs on, MKL reaches about 210 GFLOP/s on two cores at the model's projection shapes,
-while oneDNN, also inside every PyTorch CPU build, reaches about 450 (``benchmarks/throughput.py``
+this project runs on, MKL takes a generic path (about 215 GFLOP/s on two cores at the model's
+projection shapes) unless :mod:`moecl.mkl` has given it its Intel kernels (about 495). oneDNN,
+also inside every PyTorch CPU build, reaches about 450 either way (``benchmarks/throughput.py``
 measures both). Nearly all of a training step is such products, so :func:`linear` runs them on
-``torch.ops.mkldnn._linear_pointwise``: the forward ``x W^T + b`` and, in the backward, the input
-gradient ``g W`` (the same kernel on the transposed view of ``W``) and, for a trainable weight
-(the adapters' ``A`` and ``B``), its gradient ``g^T x``.
-
-MKL's slow rate there is its generic path, which it takes on any non-Intel CPU; :mod:`moecl.mkl`
-lets it use its Intel kernels (~495 GFLOP/s), and where that works the two paths are level. Where
-it cannot (MKL already in use, another platform), oneDNN keeps the products fast.
+MKL when :func:`moecl.mkl.unlocked` (faster than oneDNN at every shape of a step here, small
+low-rank products included) and otherwise on ``torch.ops.mkldnn._linear_pointwise``: the
+forward ``x W^T + b`` and, in the backward, the input gradient ``g W`` (the same kernel on the
+transposed view of ``W``) and, for a trainable weight (the adapters' ``A`` and ``B``), its
+gradient ``g^T x``.
 
 The fast path is taken only where it is the same computation: float32 input and weight on the
 CPU. Anything else, e.g. a GPU or a bf16 model, is plain ``F.linear``. Under ``torch.compile``
-the products go through the custom operator ``moecl::onednn_linear`` (the same kernels, with its
-shape function and gradient registered), which the compiler keeps as one opaque call while it
-fuses what lies between them; eager mode uses the cheaper ``autograd.Function``. Results equal
-``F.linear``'s up to float rounding (a different summation order); the tests hold both to that.
+the oneDNN products go through the custom operator ``moecl::onednn_linear`` (the same kernels,
+with its shape function and gradient registered), which the compiler keeps as one opaque call
+while it fuses what lies between them; eager mode uses the cheaper ``autograd.Function``.
+Results equal ``F.linear``'s up to float rounding (a different summation order); the tests hold
+both paths to that.
 
 :func:`use_onednn` converts a model's ``nn.Linear`` layers in place; the adapters call
 :func:`linear` for their own low-rank products.
@@ -30,6 +30,8 @@ import ctypes
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moecl import mkl
 
 ENABLED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 """Whether :func:`linear` may use oneDNN (off where PyTorch lacks it; tests switch it off to compare)."""
@@ -98,14 +100,25 @@ onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_l
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, on oneDNN where that is the same computation (module docstring)."""
+    """``F.linear(x, weight, bias)`` on the faster CPU kernel where that is the same computation:
+    MKL once :mod:`moecl.mkl` unlocked it, else oneDNN (module docstring)."""
     if not (ENABLED and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.is_cpu and weight.is_cpu):
         return F.linear(x, weight, bias)
+    if mkl.unlocked():
+        return _mkl_linear(x, weight, bias)
     if torch.compiler.is_compiling():
         return onednn_linear(x, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _Linear.apply(x, weight, bias)
     return _onednn(x, weight, bias)  # nothing to differentiate: evaluation, or frozen layer on frozen input
+
+
+def _mkl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` on MKL with ``x`` folded to ``(rows, in)``: given a strided view (the rows a
+    model keeps logits for), ``F.linear`` would multiply batch by batch against an expanded weight."""
+    if x.dim() == 2:
+        return F.linear(x, weight, bias)
+    return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 class OneDNNLinear(nn.Linear):

@@ -9,20 +9,30 @@ from conftest import build_tiny, random_tokens
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moecl import PMoEConfig, PMoEModel, onednn
+from moecl import PMoEConfig, PMoEModel, mkl, onednn
 from moecl.onednn import OneDNNLinear, linear, use_onednn
 
 pytestmark = pytest.mark.skipif(not onednn.ENABLED, reason="this PyTorch has no oneDNN")
 
 
+@pytest.fixture(params=["onednn", "mkl"])
+def route(request, monkeypatch):
+    """Both kernels ``linear`` picks from: oneDNN, or MKL where unlock_mkl gave it its fast kernels."""
+    monkeypatch.setattr(mkl, "_state", "unlocked" if request.param == "mkl" else "skipped: test")
+    return request.param
+
+
 @pytest.mark.parametrize("weight_grad", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_values_and_gradients_equal_f_linear(weight_grad, bias):
+@pytest.mark.parametrize("strided", [False, True])
+def test_linear_values_and_gradients_equal_f_linear(weight_grad, bias, strided, route):
     torch.manual_seed(0)
     x = torch.randn(3, 37, 96, requires_grad=True)
+    if strided:  # the rows a model keeps logits for: a view that is not contiguous
+        x = x[:, -5:]
     w = torch.randn(160, 96, requires_grad=weight_grad)
     b = torch.randn(160, requires_grad=weight_grad) if bias else None
-    g = torch.randn(3, 37, 160)
+    g = torch.randn(*x.shape[:-1], 160)
     leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
     fast = torch.autograd.grad((linear(x, w, b) * g).sum(), leaves)
     slow = torch.autograd.grad((F.linear(x, w, b) * g).sum(), leaves)
@@ -32,7 +42,7 @@ def test_linear_values_and_gradients_equal_f_linear(weight_grad, bias):
 
 
 @pytest.mark.parametrize("shape", [(8, 16), (16, 8)])  # both ways of computing the weight gradient
-def test_weight_gradient_of_low_rank_shapes(shape):
+def test_weight_gradient_of_low_rank_shapes(shape, route):
     out_features, in_features = shape
     x = torch.randn(50, in_features)
     w = torch.randn(out_features, in_features, requires_grad=True)
@@ -84,7 +94,7 @@ def test_use_onednn_converts_in_place_keeping_tied_weights_and_state():
     torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_pmoe_training_step_gradients_equal_the_plain_path():
+def test_pmoe_training_step_gradients_equal_the_plain_path(route):
     """Forward and backward of a PMoE model (shallow LoRA, expert banks, router) with every linear
     product on oneDNN give the gradients the plain F.linear path gives."""
 

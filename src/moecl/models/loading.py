@@ -134,5 +134,5 @@ def load_model(
     tokenizer.truncation_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    use_onednn(model)  # float32 CPU products on oneDNN, 2-3x MKL's rate on our CPUs (moecl/onednn.py)
+    use_onednn(model)  # float32 CPU products on the faster kernel, MKL unlocked or oneDNN (moecl/onednn.py)
     return model.eval(), tokenizer
