@@ -79,3 +79,24 @@ def test_length_grouped_batches_cover_every_example_once_per_epoch_with_less_pad
     assert grouped[0] != grouped[1]  # a new order each epoch
     assert epochs(8) == grouped and epochs(8, seed=1) != grouped  # a pure function of the seed
     assert padding([b for e in grouped for b in e]) < 0.5 * padding([b for e in shuffled for b in e])
+
+
+def test_fused_adamw_on_cpu_float32_gives_the_default_loops_update():
+    from moecl.training.trainer import fused_adamw
+
+    torch.manual_seed(0)
+    params = [torch.randn(7, 5, requires_grad=True), torch.randn(3, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    start = [p.detach().clone() for p in params]
+    assert fused_adamw([{"params": params}]) is True
+    assert fused_adamw([{"params": [torch.zeros(2, dtype=torch.bfloat16)]}]) is None
+    fused = torch.optim.AdamW(params, lr=0.1, weight_decay=0.01, fused=True)
+    plain = torch.optim.AdamW(twins, lr=0.1, weight_decay=0.01)
+    for _ in range(3):
+        for group, optimizer in ((params, fused), (twins, plain)):
+            sum((p**2).sum() for p in group).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for p, q, s in zip(params, twins, start, strict=True):
+        assert (p - s).abs().max() > 0.1  # three steps of lr 0.1 moved it
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)

@@ -94,7 +94,9 @@ def train_task(
         )
     micro_per_epoch = math.ceil(len(items) / (config.micro_batch_size * accelerator.num_processes))
     total_steps = max(1, math.ceil(micro_per_epoch * config.epochs / accum))
-    optimizer = torch.optim.AdamW(method.parameter_groups(trained), lr=config.lr, weight_decay=config.weight_decay)
+    groups = method.parameter_groups(trained)
+    fused = fused_adamw(groups)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
     # The schedule is stepped by hand once per optimizer step (not handed to accelerate, which
     # would step it once per process).
     schedule = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
@@ -179,6 +181,14 @@ def train_task(
         "planned_steps": total_steps,
         "seconds": round(time.perf_counter() - started, 2),  # this process's training time (a resume: since it)
     }
+
+
+def fused_adamw(groups: list[dict[str, Any]]) -> bool | None:
+    """AdamW's fused kernel for float32 CPU parameters: one call per tensor instead of PyTorch's
+    default Python loop over them on CPU (PMoE's 421 tensors: 11 -> 3 ms a step, the same update
+    up to float rounding). Elsewhere (GPUs) PyTorch's own default (``None``: foreach there)."""
+    params = [p for group in groups for p in group["params"]]
+    return True if all(p.is_cpu and p.dtype == torch.float32 for p in params) else None
 
 
 def _tuples(value: Any) -> Any:
