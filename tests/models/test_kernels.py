@@ -1,0 +1,90 @@
+"""use_fast_kernels (moecl.models.kernels): the converted layers compute what the originals do."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import build_tiny, random_tokens
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from moecl.models.kernels import GQA_ATTENTION, _fused_class, fuse_rms_norms, grouped_attention, use_fast_kernels
+
+
+def test_fused_rms_norm_equals_llamas_forward_and_backward():
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    reference = copy.deepcopy(norm)
+    assert fuse_rms_norms(norm) == 1 and isinstance(norm, LlamaRMSNorm) and type(norm) is not LlamaRMSNorm
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    g = torch.randn(3, 7, 48)
+    assert torch.equal(norm(x), reference(x))  # float32: the same rounding
+    fused = torch.autograd.grad((norm(x) * g).sum(), [x, norm.weight])
+    plain = torch.autograd.grad((reference(x) * g).sum(), [x, reference.weight])
+    for f, p in zip(fused, plain, strict=True):
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
+    half = x.detach().bfloat16()
+    assert torch.equal(norm.bfloat16()(half), reference.bfloat16()(half))  # half precision: Llama's own code
+
+
+def test_only_rms_norms_with_llamas_code_are_converted():
+    class OnePlusWeightNorm(LlamaRMSNorm):  # Gemma's form: another function, left alone
+        def forward(self, hidden_states):
+            variance = hidden_states.pow(2).mean(-1, keepdim=True)
+            return hidden_states * torch.rsqrt(variance + self.variance_epsilon) * (1 + self.weight)
+
+    assert _fused_class(OnePlusWeightNorm) is None and _fused_class(nn.LayerNorm) is None
+    qwen2 = pytest.importorskip("transformers.models.qwen2.modeling_qwen2")
+    assert _fused_class(qwen2.Qwen2RMSNorm) is not None  # a copy of Llama's code
+
+
+def test_grouped_attention_gives_sdpas_logits_gradients_and_generations():
+    model = build_tiny("llama")  # 4 query heads on 2 key/value heads
+    reference = copy.deepcopy(model)
+    assert grouped_attention(model) == 1 and model.config._attn_implementation == GQA_ATTENTION
+    ids = random_tokens(3, 12)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding: the case that takes the grouped kernel
+    mask[1, :1] = 0
+    grads = []
+    for m in (model, reference):
+        m.train()
+        logits = m(input_ids=ids, attention_mask=mask).logits
+        grads.append(
+            torch.autograd.grad((logits * torch.linspace(-1, 1, logits.shape[-1])).sum(), list(m.parameters()))
+        )
+        m.eval()
+    for g, r in zip(*grads, strict=True):  # key/value gradients summed over a group in another order
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask).logits,
+            reference(input_ids=ids, attention_mask=mask).logits,
+            rtol=1e-5,
+            atol=1e-6,
+        )
+        new = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        assert torch.equal(new, reference.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False))
+
+
+def test_the_attention_name_stays_out_of_a_saved_config(tmp_path):
+    model = build_tiny("llama")
+    use_fast_kernels(model)
+    model.save_pretrained(tmp_path)
+    assert GQA_ATTENTION not in (tmp_path / "config.json").read_text()
+    assert "attn_implementation" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_use_fast_kernels_converts_a_llama_and_leaves_gpt2_attention_alone():
+    model = build_tiny("llama")
+    reference = copy.deepcopy(model)
+    counts = use_fast_kernels(model)
+    assert counts == {"linear": 4 * 7 + 1, "rms_norm": 4 * 2 + 1, "attention": 1}
+    ids = random_tokens(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    gpt2 = build_tiny("gpt2")
+    assert use_fast_kernels(gpt2)["attention"] == 0 and use_fast_kernels(gpt2)["rms_norm"] == 0
