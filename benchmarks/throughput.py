@@ -60,22 +60,17 @@ VARIANTS = {"before": {"length_window": 1, "now": False}, "now": {"length_window
 @contextlib.contextmanager
 def kernels(model: nn.Module, now: bool) -> Iterator[None]:
     """``now``: the library as it is; else the code before issue 14: products on PyTorch's default
-    kernel, LoRA computed apart from its base layer, Llama's own RMSNorm and ``sdpa`` attention."""
+    kernel, LoRA computed apart from its base layer, ``sdpa`` attention repeating K/V heads."""
     saved, merged = onednn.ENABLED, LoRALinear.forward
-    norms = {m: type(m) for m in model.modules() if type(m).__name__.startswith("Fused")}
     attention = model.config._attn_implementation
     onednn.ENABLED = now and saved
     if not now:
         LoRALinear.forward = LoRALinear.reference_forward
-        for module, fused in norms.items():
-            module.__class__ = fused.__base__
         model.set_attn_implementation("sdpa")
     try:
         yield
     finally:
         onednn.ENABLED, LoRALinear.forward = saved, merged
-        for module, fused in norms.items():
-            module.__class__ = fused
         model.set_attn_implementation(attention)
 
 
