@@ -170,6 +170,7 @@ def train_task(
                             "python_rng": random.getstate(),
                         }
                     )
+    seconds = time.perf_counter() - started  # the loop's time: the cleanup below (a full gc) is not training
     ddp_model.eval()
     gather_trained(trained, model)
     accelerator.free_memory()  # drop accelerate's references before the next task re-prepares
@@ -179,7 +180,7 @@ def train_task(
         "padding": round(1 - tokens / padded, 4) if padded else 0.0,  # share of computed positions that were padding
         "last_loss": last_loss,
         "planned_steps": total_steps,
-        "seconds": round(time.perf_counter() - started, 2),  # this process's training time (a resume: since it)
+        "seconds": round(seconds, 2),  # this process's training loop (a resume: since it)
     }
 
 
