@@ -9,8 +9,8 @@ One process, three measurements:
     many rows as a training micro-batch has tokens), through PyTorch's default kernel (MKL on
     this CPU) and through oneDNN; the machine's limit is the faster of the two;
 (b) PMoE training steps (``moecl.training.trainer.train_task``: forward, router losses, backward,
-    AdamW) on SmolLM2-135M (the real one when cached, else a random model of its shape) over
-    samples of the default stream's training examples, counting real (unpadded) tokens;
+    AdamW) on SmolLM2-135M (the real one when cached, else a random model of its shape) over the
+    first micro-batches of an epoch of each default task, counting real (unpadded) tokens;
 (c) greedy generation on the default stream's test prompts: prompts/s and new tokens/s.
 
 Like ``moecl``, it first lets MKL use its Intel kernels on an AMD CPU (``moecl.mkl``; that holds
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import random
 import statistics
 import time
 from collections.abc import Iterator
@@ -130,11 +129,22 @@ def matmul_rates(model: nn.Module, rows: int, rounds: int) -> dict[str, float]:
     return out
 
 
-def stream_sample(tasks: list[Task], per_task: int, seed: int) -> list[list[tuple[int, Example]]]:
-    """``per_task`` training examples of each task, as the trainer's ``(expert, example)`` pairs
-    (all on the one expert the benchmark's model has)."""
-    rng = random.Random(seed)
-    return [[(0, e) for e in rng.sample(task.train, per_task)] for task in tasks]
+def stream_sample(
+    tasks: list[Task], collator: Collator, config: RunConfig, steps: int, seed: int
+) -> list[list[tuple[int, Example]]]:
+    """The examples of ``steps`` optimizer steps of each task, as the trainer's ``(expert,
+    example)`` pairs (all on the one expert the benchmark's model has): the first micro-batches
+    of a whole epoch's length-grouped order, so that they pad as the run's batches do (grouping a
+    small random sample instead would pad more: its examples lie further apart in length)."""
+    sample = []
+    for task in tasks:
+        lengths = [collator.length(e) for e in task.train]
+        order = LengthGroupedBatches(
+            lengths, config.micro_batch_size, torch.Generator().manual_seed(seed), config.length_window
+        )
+        batches = list(order)[: steps * config.batch_size // config.micro_batch_size]
+        sample.append([(0, task.train[i]) for batch in batches for i in batch])
+    return sample
 
 
 def epoch_padding(tasks: list[Task], config: RunConfig, collator: Collator, window: int) -> float:
@@ -175,7 +185,7 @@ def main() -> None:
     accelerator = make_accelerator(torch.device("cpu"), "no")
     tasks = load_tasks(config)
     prompts = [e.prompt for task in tasks for e in task.split("test")[: args.eval_prompts]]
-    samples = stream_sample(tasks, config.batch_size * args.steps, seed=0)
+    samples = stream_sample(tasks, collator, config, args.steps, seed=0)
 
     lengths = sorted(collator.length(e) for items in samples for _, e in items)
     rows = config.micro_batch_size * lengths[len(lengths) // 2]
