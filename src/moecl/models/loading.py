@@ -134,5 +134,5 @@ def load_model(
     tokenizer.truncation_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    use_fast_kernels(model)  # products, RMSNorm and attention on the fastest CPU kernels (moecl.models.kernels)
+    use_fast_kernels(model)  # products and attention on the fastest CPU kernels (moecl.models.kernels)
     return model.eval(), tokenizer
