@@ -12,8 +12,8 @@ Two in-place conversions, each the same function as the layer it replaces:
   ``moecl_sdpa``, which is transformers' ``sdpa`` everywhere else (GPUs, decoding, no mask).
 
 Tried and not kept: ``F.rms_norm`` for Llama's RMSNorm (one fused kernel instead of five passes;
-2.4 -> 1.6 ms a call alone with a trainable weight, but level in the step, where the weight is
-frozen: 1,354 against 1,358 ms).
+2.4 -> 1.6 ms a call alone with a trainable weight, but level in the step: 1,354 against 1,358
+ms, likely because the weight is frozen there and Llama's own backward skips its gradient).
 """
 
 from __future__ import annotations
