@@ -82,6 +82,10 @@ def _unlock() -> str:
     check.restype = detect.restype = ctypes.c_int
     if check() != 0:
         return "skipped: MKL already takes this CPU for Intel's"
+    # MKL's Intel kernels return results that can differ in the last bits from one call to the
+    # next on the same inputs (measured: a first vocabulary projection); its conditional numerical
+    # reproducibility mode, read from the environment when MKL starts, makes them repeat exactly.
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     address = ctypes.cast(check, ctypes.c_void_p).value
     page = address & ~(mmap.PAGESIZE - 1)

@@ -15,7 +15,7 @@ import torch
 from moecl.mkl import cpu_vendor
 
 SCRIPT = """
-import json, sys, torch
+import json, os, sys, torch
 if sys.argv[1] == "late":
     torch.ones(4, 4) @ torch.ones(4, 4)
 from moecl.mkl import unlock_mkl
@@ -28,7 +28,8 @@ att = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 mask = torch.ones(40, 40, dtype=torch.bool).tril()
 w = (q.double() @ k.double().transpose(-1, -2) / 4).masked_fill(~mask, float("-inf")).softmax(-1)
 att_err = (att.double() - w @ v.double()).abs().max().item()
-print(json.dumps({"state": state, "again": unlock_mkl(), "mm_err": mm_err, "att_err": att_err}))
+cbwr = os.environ.get("MKL_CBWR")
+print(json.dumps({"state": state, "again": unlock_mkl(), "mm_err": mm_err, "att_err": att_err, "cbwr": cbwr}))
 """
 
 
@@ -49,6 +50,10 @@ def test_unlocked_before_the_first_product_and_the_products_stay_right():
     result = fresh("early")
     assert result["state"] == "unlocked" and result["again"] == "unlocked"  # idempotent
     assert result["mm_err"] < 1e-4 and result["att_err"] < 1e-5  # against float64 references
+    # MKL's reproducible mode: without it a model's first vocabulary projection differed in the last
+    # bits from the next ones, and whole runs drifted apart (issue 14's note)
+    assert result["cbwr"] == "AUTO,STRICT"
+    assert fresh("early", MKL_CBWR="COMPATIBLE")["cbwr"] == "COMPATIBLE"  # a user's own choice stands
 
 
 @amd_mkl
