@@ -17,6 +17,11 @@ PyTorch without MKL or without the symbol, or once MKL has already chosen (a pro
 first). The kernels compute the same products as on an Intel CPU; results differ from the
 generic path's only by float rounding (another summation order), as between any two BLAS.
 
+With the Intel kernels MKL runs in its conditional numerical reproducibility mode
+(``MKL_CBWR=AUTO,STRICT``; a value already in the environment stands): without it the same
+product on the same inputs could differ in the last bits between calls, and runs were not
+repeatable.
+
 ``moecl`` calls it when its command line starts (``MOECL_MKL_UNLOCK=0`` leaves MKL alone);
 library users call it first thing, before any tensor maths.
 """
