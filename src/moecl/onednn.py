@@ -34,7 +34,8 @@ from torch import nn
 from moecl import mkl
 
 ENABLED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-"""Whether :func:`linear` may use oneDNN (off where PyTorch lacks it; tests switch it off to compare)."""
+"""Whether :func:`linear` may leave plain ``F.linear`` for oneDNN, or MKL's folded form once MKL is
+unlocked (off where PyTorch lacks oneDNN; tests switch it off to compare)."""
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -34,8 +34,9 @@ print(json.dumps({"state": state, "again": unlock_mkl(), "mm_err": mm_err, "att_
 
 
 def fresh(mode: str, **env: str) -> dict:
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "MOECL_MKL_UNLOCK")}
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True, env={**os.environ, **env}
+        [sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True, env={**inherited, **env}
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
