@@ -16,9 +16,11 @@ One process, three measurements:
 Like ``moecl``, it first lets MKL use its Intel kernels on an AMD CPU (``moecl.mkl``; that holds
 for the whole process, both variants included; ``--keep-mkl`` measures MKL's generic path).
 (b) and (c) run two variants interleaved round by round: ``before`` (shuffled micro-batches,
-every product on PyTorch's default kernel, LoRA computed apart from its base layer: the code
-before issue 14) and ``now`` (the library as it is: length-grouped micro-batches, products on
-the faster kernel, the shallow LoRA merged into its layer's weight, ...). Model FLOPs count
+every product on PyTorch's default kernel, LoRA and the expert mixture computed apart from their
+base layer, transformers' attention and rotary embedding: the code before issue 14) and ``now``
+(the library as it is: length-grouped micro-batches, products on the faster kernel, the shallow
+LoRA merged into its layer's weight, the mixture accumulated into the base product, ...).
+Model FLOPs count
 ``2 N`` per token forward and ``2 N`` backward (the frozen base needs input gradients only),
 ``N`` the base model's non-embedding weights. The last line is ``train_mfu = X.XX``: ``now``'s
 real-token model FLOP rate over the machine's limit.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import statistics
 import time
 from collections.abc import Iterator
@@ -41,12 +44,13 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moecl import onednn
+from moecl.adapters.expert_bank import LoRAExpertBank
 from moecl.adapters.lora import LoRALinear
 from moecl.data.trace import Example, Task
 from moecl.evaluation.generation import generate
 from moecl.methods import METHODS
 from moecl.mkl import unlock_mkl
-from moecl.models.kernels import use_fast_kernels
+from moecl.models.kernels import ROTARY_ORIGINALS, use_fast_kernels
 from moecl.models.loading import byte_tokenizer, load_model
 from moecl.training.batches import Collator, LengthGroupedBatches
 from moecl.training.config import RunConfig
@@ -59,18 +63,26 @@ VARIANTS = {"before": {"length_window": 1, "now": False}, "now": {"length_window
 @contextlib.contextmanager
 def kernels(model: nn.Module, now: bool) -> Iterator[None]:
     """``now``: the library as it is; else the code before issue 14: products on PyTorch's default
-    kernel, LoRA computed apart from its base layer, ``sdpa`` attention repeating K/V heads."""
-    saved, merged = onednn.ENABLED, LoRALinear.forward
+    kernel, LoRA and the expert mixture computed apart from their base layer, ``sdpa`` attention
+    repeating K/V heads, transformers' own rotary embedding."""
+    saved, merged, fused = onednn.ENABLED, LoRALinear.forward, LoRAExpertBank.fusable
     attention = model.config._attn_implementation
+    module = importlib.import_module(type(model).__module__)
+    rotary = module.__dict__.get("apply_rotary_pos_emb")
     onednn.ENABLED = now and saved
     if not now:
         LoRALinear.forward = LoRALinear.reference_forward
+        LoRAExpertBank.fusable = lambda self, x: False
         model.set_attn_implementation("sdpa")
+        if module.__name__ in ROTARY_ORIGINALS:
+            module.apply_rotary_pos_emb = ROTARY_ORIGINALS[module.__name__]
     try:
         yield
     finally:
-        onednn.ENABLED, LoRALinear.forward = saved, merged
+        onednn.ENABLED, LoRALinear.forward, LoRAExpertBank.fusable = saved, merged, fused
         model.set_attn_implementation(attention)
+        if rotary is not None:
+            module.apply_rotary_pos_emb = rotary
 
 
 def smollm2():

@@ -44,6 +44,43 @@ def test_bank_forward_reads_the_shared_gate_and_adds_to_base():
     torch.testing.assert_close(bank(x), base(x) + bank.reference_delta(x, bank.gate.probs))
 
 
+@pytest.mark.parametrize("gate", ["per-token", "fixed"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_bank_layer_equals_base_plus_mixture_forward_and_backward(gate, bias):
+    """The bank's fused layer (mixture accumulated into the base product) against ``base(x) +
+    delta(x)`` computed apart, with frozen experts before the training one."""
+    torch.manual_seed(0)
+    bank = _bank(3, nn.Linear(12, 10, bias=bias).double().requires_grad_(False))
+    with torch.no_grad():  # non-zero frozen experts too
+        bank.frozen_B.normal_()
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    shape = (2, 5, 3) if gate == "per-token" else (1, 1, 3)
+    logits = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    bank.gate.probs = logits.softmax(-1)
+    assert bank.fusable(x)
+    fused, apart = bank(x), bank.reference_forward(x, bank.gate.probs)
+    torch.testing.assert_close(fused, apart, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(fused)
+    inputs = (x, logits, bank.expert_A, bank.expert_B)
+    g_fused = torch.autograd.grad((fused * w).sum(), inputs, retain_graph=True)
+    g_apart = torch.autograd.grad((apart * w).sum(), inputs)
+    for a, b in zip(g_fused, g_apart, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(bank(x), apart, rtol=1e-12, atol=1e-12)
+
+
+def test_bank_layer_is_fused_only_where_it_computes_the_same():
+    x = torch.randn(2, 3, 8)
+    assert _bank(1, nn.Linear(8, 6).requires_grad_(False)).fusable(x)
+    assert not _bank(1, nn.Linear(8, 6)).fusable(x)  # a trainable base needs its weight gradient
+    assert not _bank(1, Conv1D(6, 8).requires_grad_(False)).fusable(x)
+    assert not _bank(1, nn.Linear(8, 6).requires_grad_(False)).fusable(x.double())
+    dropout = LoRAExpertBank(nn.Linear(8, 6).requires_grad_(False), rank=2, alpha=4.0, gate=GateState(), dropout=0.1)
+    dropout.add_expert()
+    assert not dropout.fusable(x)
+
+
 def test_bank_without_a_gate_in_flight_says_how_to_call_it():
     bank = _bank(2, nn.Linear(8, 6))
     with pytest.raises(RuntimeError, match="call the PMoEModel"):

@@ -1,12 +1,22 @@
 """use_fast_kernels (moecl.models.kernels): the converted layers compute what the originals do."""
 
 import copy
+import importlib
 import json
 
+import pytest
 import torch
+import transformers.models.llama.modeling_llama as llama
 from conftest import build_tiny, random_tokens
 
-from moecl.models.kernels import GQA_ATTENTION, grouped_attention, use_fast_kernels
+from moecl.models.kernels import (
+    GQA_ATTENTION,
+    ROTARY_ORIGINALS,
+    fused_rotary,
+    grouped_attention,
+    rotary_pos_emb,
+    use_fast_kernels,
+)
 
 
 def test_grouped_attention_gives_sdpas_logits_gradients_and_generations():
@@ -50,9 +60,58 @@ def test_use_fast_kernels_converts_a_llama_and_leaves_gpt2_attention_alone():
     model = build_tiny("llama")
     reference = copy.deepcopy(model)
     counts = use_fast_kernels(model)
-    assert counts == {"linear": 4 * 7 + 1, "attention": 1}
+    assert counts == {"linear": 4 * 7 + 1, "attention": 1, "rotary": 1}
     ids = random_tokens(2, 9)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     gpt2 = build_tiny("gpt2")
     assert use_fast_kernels(gpt2)["attention"] == 0 and gpt2.config._attn_implementation == "sdpa"
+    assert fused_rotary(gpt2) == 0  # no rotary embedding there
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_fused_rotary_equals_transformers_formula_and_its_autograd_gradient(layout):
+    g = torch.Generator().manual_seed(0)
+    if layout == "contiguous":
+        q, k = torch.randn(2, 4, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)
+    else:  # as Llama's attention hands them over: (batch, seq, heads, dim) viewed as (batch, heads, seq, dim)
+        q = torch.randn(2, 7, 4, 16, generator=g).transpose(1, 2)
+        k = torch.randn(2, 7, 2, 16, generator=g).transpose(1, 2)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    cos, sin = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
+
+    def reference(x: torch.Tensor) -> torch.Tensor:  # transformers' formula; autograd takes its gradient
+        return x * cos.unsqueeze(1) + llama.rotate_half(x) * sin.unsqueeze(1)
+
+    fused = rotary_pos_emb(q, k, cos, sin)
+    expected = (reference(q), reference(k))
+    weights = [torch.randn(t.shape, generator=g) for t in expected]
+    for f, e in zip(fused, expected, strict=True):
+        torch.testing.assert_close(f, e, rtol=1e-6, atol=1e-6)
+    got = torch.autograd.grad(sum((f * w).sum() for f, w in zip(fused, weights, strict=True)), (q, k))
+    want = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, weights, strict=True)), (q, k))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_rotary_gives_a_llama_the_logits_and_gradients_of_transformers_own():
+    model = build_tiny("llama")
+    assert fused_rotary(model) == 1 and fused_rotary(model) == 1  # a second call finds it in place
+    module = importlib.import_module(type(model).__module__)
+    ids = random_tokens(2, 9)
+    weights = torch.linspace(-1, 1, model.config.vocab_size)
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits = model(input_ids=ids).logits
+        return logits.detach(), torch.autograd.grad((logits * weights).sum(), list(model.parameters()))
+
+    fused = run()
+    module.apply_rotary_pos_emb = ROTARY_ORIGINALS[module.__name__]
+    try:
+        original = run()
+    finally:
+        assert fused_rotary(model) == 1
+    torch.testing.assert_close(fused[0], original[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused[1], original[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

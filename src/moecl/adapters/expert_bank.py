@@ -24,6 +24,61 @@ from moecl.adapters.router import GateState
 from moecl.onednn import linear
 
 
+class _BankLinear(torch.autograd.Function):
+    """``x W^T + b + (z * g s) B_cat^T`` with ``z = x A_cat^T``: the bank's layer with its mixture
+    accumulated into the base product's own output.
+
+    The separate form writes a ``(tokens, out)`` delta and then adds it to the base output; here
+    the low-rank product adds into that output in place (a GEMM with ``beta = 1``), and in the
+    backward the mixture's share of the input gradient adds into the base's the same way: two
+    passes over ``(tokens, out)`` fewer forward and two over ``(tokens, in)`` backward, and a
+    third of the operations. With ``M`` tokens, ``gs (M, T)`` the gate times ``s`` spread over
+    each expert's ``r`` channels and ``dy`` the output gradient::
+
+        dz = dy B_cat        dx = dy W + (dz gs) A_cat        dA_cat = (dz gs)^T x
+        dB_cat = dy^T (z gs)                                  dg_k = s sum_r (dz z)_k
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a_cat, b_cat, gate, scaling):
+        x2 = x.reshape(-1, x.shape[-1])  # (M, in)
+        z = linear(x2, a_cat)  # (M, T*r)
+        y = linear(x2, weight, bias)  # (M, out), a fresh tensor
+        y.addmm_(_gated(z, gate, x.shape, scaling), b_cat.t())
+        ctx.save_for_backward(x, weight, a_cat, b_cat, gate, z)
+        ctx.scaling = scaling
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, a_cat, b_cat, gate, z = ctx.saved_tensors
+        x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])  # (M, in), (M, out)
+        dz = linear(g2, b_cat.t())  # (M, T*r) = dy B_cat
+        dzg = _gated(dz, gate, x.shape, ctx.scaling)
+        grad_x = grad_a = grad_b = grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_x = linear(g2, weight.t())  # (M, in) = dy W, a fresh tensor
+            grad_x.addmm_(dzg, a_cat)
+            grad_x = grad_x.view(x.shape)
+        if ctx.needs_input_grad[3]:
+            grad_a = linear(dzg.t(), x2.t())  # (T*r, in)
+        if ctx.needs_input_grad[4]:
+            grad_b = linear(_gated(z, gate, x.shape, ctx.scaling).t(), g2.t()).t()  # (out, T*r)
+        if ctx.needs_input_grad[5]:
+            t = gate.shape[-1]
+            dg = (dz.view(-1, t, dz.shape[-1] // t) * z.view(-1, t, z.shape[-1] // t)).sum(-1) * ctx.scaling
+            grad_gate = dg.view(*x.shape[:-1], t).sum_to_size(gate.shape).to(gate.dtype)
+        return grad_x, None, None, grad_a, grad_b, grad_gate, None
+
+
+def _gated(z: torch.Tensor, gate: torch.Tensor, shape: torch.Size, scaling: float) -> torch.Tensor:
+    """``z (M, T*r)`` with expert ``k``'s ``r`` channels times ``scaling * gate[..., k]``, the gate
+    ``(..., T)`` broadcast to the tokens of an input of ``shape (..., in)``."""
+    t = gate.shape[-1]
+    g = gate.to(z.dtype).expand(*shape[:-1], t).reshape(-1, t, 1) * scaling  # (M, T, 1)
+    return (z.view(-1, t, z.shape[-1] // t) * g).view(z.shape)
+
+
 class LoRAExpertBank(nn.Module):
     """Gate-weighted LoRA experts, one per task, of which only the newest trains.
 
@@ -143,11 +198,32 @@ class LoRAExpertBank(nn.Module):
             out = out + gate[..., k : k + 1].to(x.dtype) * expert
         return out
 
+    def fusable(self, x: torch.Tensor) -> bool:
+        """:class:`_BankLinear` computes the same function for ``x``: a frozen ``nn.Linear`` base and
+        ``x`` of the experts' dtype, and no dropout on the experts' input (which the base path
+        does not see)."""
+        layer = self.base_layer
+        return (
+            isinstance(layer, nn.Linear)
+            and isinstance(self.dropout, nn.Identity)
+            and layer.weight.dtype == x.dtype == self.frozen_A.dtype
+            and not any(p.requires_grad for p in layer.parameters())
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if self.expert_A is None:
-            return result
+            return self.base_layer(x)
         gate = self.gate.read(x, self.num_experts)
+        if self.fusable(x):
+            a_cat, b_cat = self.stacked_weights()
+            layer = self.base_layer
+            return _BankLinear.apply(x, layer.weight, layer.bias, a_cat, b_cat, gate, self.scaling)
+        return self.reference_forward(x, gate)
+
+    def reference_forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """``base(x) + delta(x, gate)`` computed apart: what the fused layer is tested against, and
+        the path for ``Conv1D`` and half-precision bases and for dropout."""
+        result = self.base_layer(x)
         return result + self.delta(x, gate).to(result.dtype)
 
     def extra_repr(self) -> str:
