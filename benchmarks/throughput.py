@@ -7,7 +7,9 @@ One process, three measurements:
 
 (a) the float32 matmul rate at the model's projection shapes (every linear layer of a block, as
     many rows as a training micro-batch has tokens), through PyTorch's default kernel (MKL on
-    this CPU) and through oneDNN; the machine's limit is the faster of the two;
+    this CPU) and through oneDNN; the machine's limit is the faster of the two. It is measured
+    again in every round, just before that round's training, because it drifts between minutes
+    (500-537 GFLOP/s over three runs of one afternoon) and MFU is a ratio of the two;
 (b) PMoE training steps (``moecl.training.trainer.train_task``: forward, router losses, backward,
     AdamW) on SmolLM2-135M (the real one when cached, else a random model of its shape) over the
     first micro-batches of an epoch of each default task, counting real (unpadded) tokens;
@@ -22,8 +24,8 @@ base layer, transformers' attention and rotary embedding: the code before issue 
 LoRA merged into its layer's weight, the mixture accumulated into the base product, ...).
 Model FLOPs count
 ``2 N`` per token forward and ``2 N`` backward (the frozen base needs input gradients only),
-``N`` the base model's non-embedding weights. The last line is ``train_mfu = X.XX``: ``now``'s
-real-token model FLOP rate over the machine's limit.
+``N`` the base model's non-embedding weights. The last line is ``train_mfu = X.XX``: the median
+over rounds of ``now``'s real-token model FLOP rate over the limit measured in the same round.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def best_of(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_rates(model: nn.Module, rows: int, rounds: int) -> dict[str, float]:
+def matmul_rates(model: nn.Module, rows: int, repeats: int) -> dict[str, float]:
     """GFLOP/s of one block's linear products for ``rows`` tokens, FLOP-weighted over the block."""
     block = model.get_decoder().layers[0]
     shapes = [m.weight.shape for m in block.modules() if isinstance(m, nn.Linear)]
@@ -135,7 +137,7 @@ def matmul_rates(model: nn.Module, rows: int, rounds: int) -> dict[str, float]:
         with torch.no_grad():
             for out_features, in_features in shapes:
                 x, w = torch.randn(rows, in_features), torch.randn(out_features, in_features)
-                total_time += best_of(lambda x=x, w=w, product=product: product(x, w), 5 * rounds)
+                total_time += best_of(lambda x=x, w=w, product=product: product(x, w), repeats)
                 total_flops += 2 * rows * in_features * out_features
         out[name] = total_flops / total_time / 1e9
     return out
@@ -184,7 +186,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     mkl = "kept (--keep-mkl)" if args.keep_mkl else unlock_mkl()  # before any product, as `moecl` does
-    console = Console()
+    console = Console(width=max(Console().width, 110))  # the tables are wider than a default 80 columns
     onednn.keep_freed_memory()  # as `moecl run` does
     torch.manual_seed(0)
     base, tokenizer, model_name = smollm2()
@@ -201,12 +203,11 @@ def main() -> None:
 
     lengths = sorted(collator.length(e) for items in samples for _, e in items)
     rows = config.micro_batch_size * lengths[len(lengths) // 2]
-    rates = matmul_rates(base, rows, args.rounds)
-    limit = max(rates.values())
-
+    rates: list[dict[str, float]] = []  # (a), one measurement per round
     train: dict[str, list[tuple[int, int, float]]] = {v: [] for v in VARIANTS}
     evals: dict[str, list[tuple[int, float]]] = {v: [] for v in VARIANTS}
     for round_ in range(args.rounds):
+        rates.append(matmul_rates(base, rows, repeats=5))
         for variant, settings in VARIANTS.items():
             cfg = replace(config, length_window=settings["length_window"], epochs=1, save_every=0)
             with kernels(base, settings["now"]):
@@ -228,14 +229,21 @@ def main() -> None:
 
     console.print(f"MKL on this CPU: {mkl}")
     console.print(f"model: {model_name}, N = {n_params / 1e6:.1f}M non-embedding weights; {rows} rows per product")
-    table = Table(title="(a) float32 matmul rate at the model's projection shapes")
+    table = Table(title="(a) float32 matmul rate at the model's projection shapes (median; each round)")
     table.add_column("kernel")
     table.add_column("GFLOP/s", justify="right")
-    for name, rate in rates.items():
-        table.add_row(name, f"{rate:.0f}")
+    table.add_column("by round", justify="right")
+    for name in rates[0]:
+        by_round = [r[name] for r in rates]
+        table.add_row(name, f"{statistics.median(by_round):.0f}", " ".join(f"{r:.0f}" for r in by_round))
     console.print(table)
+    limits = [max(r.values()) for r in rates]
+    mfu = {  # each round's model FLOP rate over the limit measured just before it
+        v: [4 * n_params * t / s / 1e9 / limit for (t, _, s), limit in zip(train[v], limits, strict=True)]
+        for v in VARIANTS
+    }
     table = Table(title=f"(b) PMoE training, {args.steps} steps x {len(samples)} tasks per round (medians)")
-    for column in ("variant", "real tokens/s", "padding", "model GFLOP/s", "MFU", "speed-up"):
+    for column in ("variant", "real tokens/s", "padding", "model GFLOP/s", "MFU", "MFU by round", "speed-up"):
         table.add_column(column, justify="right")
     tok_s = {v: statistics.median(t / s for t, _, s in train[v]) for v in VARIANTS}
     for variant in VARIANTS:
@@ -246,7 +254,8 @@ def main() -> None:
             f"{tok_s[variant]:.0f}",
             f"{1 - tokens / padded:.1%}",
             f"{gflops:.0f}",
-            f"{gflops / limit:.2f}",
+            f"{statistics.median(mfu[variant]):.3f}",
+            " ".join(f"{m:.2f}" for m in mfu[variant]),
             f"{tok_s[variant] / tok_s['before']:.2f}x",
         )
     console.print(table)
@@ -266,7 +275,7 @@ def main() -> None:
         with kernels(base, True), torch.profiler.profile() as prof:
             train_task(accelerator, method, model, collator, samples[0], cfg, 0, lambda record: None)
         console.print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=48))
-    console.print(f"train_mfu = {4 * n_params * tok_s['now'] / 1e9 / limit:.2f}")
+    console.print(f"train_mfu = {statistics.median(mfu['now']):.2f}")
 
 
 if __name__ == "__main__":
