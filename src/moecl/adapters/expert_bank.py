@@ -31,9 +31,9 @@ class _BankLinear(torch.autograd.Function):
     The separate form writes a ``(tokens, out)`` delta and then adds it to the base output; here
     the low-rank product adds into that output in place (a GEMM with ``beta = 1``), and in the
     backward the mixture's share of the input gradient adds into the base's the same way: two
-    passes over ``(tokens, out)`` fewer forward and two over ``(tokens, in)`` backward, and a
-    third of the operations. With ``M`` tokens, ``gs (M, T)`` the gate times ``s`` spread over
-    each expert's ``r`` channels and ``dy`` the output gradient::
+    passes over ``(tokens, out)`` fewer forward and two over ``(tokens, in)`` backward, and one
+    autograd node instead of about ten. With ``M`` tokens, ``gs (M, T)`` the gate times ``s``
+    spread over each expert's ``r`` channels and ``dy`` the output gradient::
 
         dz = dy B_cat        dx = dy W + (dz gs) A_cat        dA_cat = (dz gs)^T x
         dB_cat = dy^T (z gs)                                  dg_k = s sum_r (dz z)_k
