@@ -118,7 +118,7 @@ def test_two_processes_give_the_numbers_of_one_at_the_same_effective_batch(tmp_p
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "moecl.cli.main"]
     done = subprocess.run([*cmd, *same, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]  # how far the run got, then why
     assert done.stdout.count("run folder:") == 1  # one process reports
     one = _moecl([*same, "--out", str(tmp_path / "one")], env)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -143,7 +143,7 @@ def test_two_processes_give_the_numbers_of_one_at_the_same_effective_batch(tmp_p
     fsdp = ["--config_file", str(Path(__file__).parents[2] / "configs" / "accelerate" / "fsdp.yaml")]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *fsdp, "--num_processes", "2", "-m", "moecl.cli.main"]
     done = subprocess.run([*cmd, *same, "--out", str(tmp_path / "fsdp")], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]  # how far the run got, then why
     said = " ".join(done.stdout.split())  # rich wraps long lines
     assert "the launch asked for FSDP, but Accelerate runs this as MULTI_CPU over 2 process(es)" in said
     assert _numbers(tmp_path / "fsdp")["R"] == one["R"]
