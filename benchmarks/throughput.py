@@ -1,6 +1,6 @@
 """How close training and evaluation come to this machine's limit, on the default stream.
 
-    python benchmarks/throughput.py               # about 6 minutes on 2 cores
+    python benchmarks/throughput.py               # 2-6 minutes on 2 cores (SmolLM2 cached)
     python benchmarks/throughput.py --rounds 1    # quicker, noisier
 
 One process, three measurements:
