@@ -69,8 +69,9 @@ def test_use_fast_kernels_converts_a_llama_and_leaves_gpt2_attention_alone():
     assert fused_rotary(gpt2) == 0  # no rotary embedding there
 
 
+@pytest.mark.parametrize("tables", ["constant", "trainable"])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_fused_rotary_equals_transformers_formula_and_its_autograd_gradient(layout):
+def test_fused_rotary_equals_transformers_formula_and_its_autograd_gradient(layout, tables):
     g = torch.Generator().manual_seed(0)
     if layout == "contiguous":
         q, k = torch.randn(2, 4, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)
@@ -80,6 +81,9 @@ def test_fused_rotary_equals_transformers_formula_and_its_autograd_gradient(layo
     q.requires_grad_(True)
     k.requires_grad_(True)
     cos, sin = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
+    wrt = (q, k)
+    if tables == "trainable":  # never so in transformers, but then cos and sin get their gradients too
+        wrt = (q, k, cos.requires_grad_(True), sin.requires_grad_(True))
 
     def reference(x: torch.Tensor) -> torch.Tensor:  # transformers' formula; autograd takes its gradient
         return x * cos.unsqueeze(1) + llama.rotate_half(x) * sin.unsqueeze(1)
@@ -89,8 +93,9 @@ def test_fused_rotary_equals_transformers_formula_and_its_autograd_gradient(layo
     weights = [torch.randn(t.shape, generator=g) for t in expected]
     for f, e in zip(fused, expected, strict=True):
         torch.testing.assert_close(f, e, rtol=1e-6, atol=1e-6)
-    got = torch.autograd.grad(sum((f * w).sum() for f, w in zip(fused, weights, strict=True)), (q, k))
-    want = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, weights, strict=True)), (q, k))
+    got = torch.autograd.grad(sum((f * w).sum() for f, w in zip(fused, weights, strict=True)), wrt)
+    want = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, weights, strict=True)), wrt)
+    assert len(got) == len(wrt)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 

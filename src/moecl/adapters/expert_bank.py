@@ -45,9 +45,9 @@ class _BankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a_cat, b_cat, gate, scaling):
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-        z = linear(x2, a_cat)  # (M, T*r)
+        z = linear(x2, a_cat).view(*x.shape[:-1], -1)  # (..., T*r)
         y = linear(x2, weight, bias)  # (M, out), a fresh tensor
-        y.addmm_(_gated(z, gate, x.shape, scaling), b_cat.t())
+        y.addmm_(_gated(z, gate, scaling).reshape(x2.shape[0], -1), b_cat.t())
         ctx.save_for_backward(x, weight, a_cat, b_cat, gate, z)
         ctx.scaling = scaling
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -56,8 +56,8 @@ class _BankLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, a_cat, b_cat, gate, z = ctx.saved_tensors
         x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])  # (M, in), (M, out)
-        dz = linear(g2, b_cat.t())  # (M, T*r) = dy B_cat
-        dzg = _gated(dz, gate, x.shape, ctx.scaling)
+        dz = linear(g2, b_cat.t()).view(*x.shape[:-1], -1)  # (..., T*r) = dy B_cat
+        dzg = _gated(dz, gate, ctx.scaling).reshape(x2.shape[0], -1)  # (M, T*r)
         grad_x = grad_a = grad_b = grad_gate = None
         if ctx.needs_input_grad[0]:
             grad_x = linear(g2, weight.t())  # (M, in) = dy W, a fresh tensor
@@ -66,20 +66,20 @@ class _BankLinear(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_a = linear(dzg.t(), x2.t())  # (T*r, in)
         if ctx.needs_input_grad[4]:
-            grad_b = linear(_gated(z, gate, x.shape, ctx.scaling).t(), g2.t()).t()  # (out, T*r)
+            zg = _gated(z, gate, ctx.scaling).reshape(x2.shape[0], -1)
+            grad_b = linear(zg.t(), g2.t()).t()  # (out, T*r)
         if ctx.needs_input_grad[5]:
             t = gate.shape[-1]
-            dg = (dz.view(-1, t, dz.shape[-1] // t) * z.view(-1, t, z.shape[-1] // t)).sum(-1) * ctx.scaling
-            grad_gate = dg.view(*x.shape[:-1], t).sum_to_size(gate.shape).to(gate.dtype)
+            dg = (dz.unflatten(-1, (t, -1)) * z.unflatten(-1, (t, -1))).sum(-1) * ctx.scaling  # (..., T)
+            grad_gate = dg.sum_to_size(gate.shape).to(gate.dtype)
         return grad_x, None, None, grad_a, grad_b, grad_gate, None
 
 
-def _gated(z: torch.Tensor, gate: torch.Tensor, shape: torch.Size, scaling: float) -> torch.Tensor:
-    """``z (M, T*r)`` with expert ``k``'s ``r`` channels times ``scaling * gate[..., k]``, the gate
-    ``(..., T)`` broadcast to the tokens of an input of ``shape (..., in)``."""
-    t = gate.shape[-1]
-    g = gate.to(z.dtype).expand(*shape[:-1], t).reshape(-1, t, 1) * scaling  # (M, T, 1)
-    return (z.view(-1, t, z.shape[-1] // t) * g).view(z.shape)
+def _gated(z: torch.Tensor, gate: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``z (..., T*r)`` with expert ``k``'s ``r`` channels times ``scaling * gate[..., k]``, for a
+    gate ``(..., T)`` per token or ``(1, 1, T)`` fixed: a view ``(..., T, r)``, no copy of the gate."""
+    g = gate.to(device=z.device, dtype=z.dtype) * scaling  # (..., T)
+    return (z.unflatten(-1, (g.shape[-1], -1)) * g.unsqueeze(-1)).flatten(-2)
 
 
 class LoRAExpertBank(nn.Module):
@@ -185,10 +185,7 @@ class LoRAExpertBank(nn.Module):
         """Fused mixture for ``x (..., in)`` and ``gate (..., T)`` -> ``(..., out)``."""
         a_cat, b_cat = self.stacked_weights()
         z = linear(self.dropout(x.to(a_cat.dtype)), a_cat)  # (..., T*r)
-        g = gate.to(device=z.device, dtype=z.dtype) * self.scaling  # (..., T), or (1, 1, T) if fixed
-        # Scale each expert's r intermediate channels by its gate: view (..., T, r), no copy of g.
-        z = (z.unflatten(-1, (self.num_experts, self.rank)) * g.unsqueeze(-1)).flatten(-2)
-        return linear(z, b_cat)  # (..., out)
+        return linear(_gated(z, gate, self.scaling), b_cat)  # (..., out)
 
     def reference_delta(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """The same mixture as :meth:`delta`, one expert at a time; slow, obvious, for tests."""

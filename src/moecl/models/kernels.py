@@ -101,20 +101,32 @@ class _Rotary(torch.autograd.Function):
 
     ``rotate_half`` is a signed permutation whose transpose is ``y -> cat(y2, -y1)``, so the input
     gradient is ``dy cos + cat(t2, -t1)`` with ``t = dy sin``: three passes. ``cos`` and ``sin``
-    get no gradient (transformers computes them without one; :func:`rotary_pos_emb` checks)."""
+    (which transformers computes without a gradient) get theirs only where asked, ``dy x`` and
+    ``dy rotate_half(x)`` summed over what they broadcast over; ``x`` is kept for that alone."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
-        half = x.shape[-1] // 2
-        ctx.save_for_backward(cos, sin)
-        return torch.addcmul(x * cos, torch.cat((-x[..., half:], x[..., :half]), dim=-1), sin)
+        ctx.save_for_backward(x if any(ctx.needs_input_grad[1:]) else None, cos, sin)
+        return torch.addcmul(x * cos, _rotate_half(x), sin)
 
     @staticmethod
     def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        t = grad * sin
-        half = t.shape[-1] // 2
-        return torch.addcmul(torch.cat((t[..., half:], -t[..., :half]), dim=-1), grad, cos), None, None
+        x, cos, sin = ctx.saved_tensors
+        grad_x = grad_cos = grad_sin = None
+        if ctx.needs_input_grad[0]:
+            t = grad * sin
+            half = t.shape[-1] // 2
+            grad_x = torch.addcmul(torch.cat((t[..., half:], -t[..., :half]), dim=-1), grad, cos)
+        if ctx.needs_input_grad[1]:
+            grad_cos = (grad * x).sum_to_size(cos.shape)
+        if ctx.needs_input_grad[2]:
+            grad_sin = (grad * _rotate_half(x)).sum_to_size(sin.shape)
+        return grad_x, grad_cos, grad_sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
@@ -122,14 +134,7 @@ def rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     signature and values (``cos``/``sin (batch, seq, head_dim)`` get a heads axis at
     ``unsqueeze_dim``)."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    if cos.requires_grad or sin.requires_grad:  # never from transformers; keep their gradient then
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
     return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def fused_rotary(model: nn.Module) -> int:
