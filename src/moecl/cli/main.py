@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch.distributed as dist
+from accelerate import PartialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -306,12 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
         return 2
     finally:
-        # Under `accelerate launch`, tear the process group down here, as Accelerate's own
-        # `end_training` does: left to interpreter exit, gloo's threads can be destroyed unjoined
-        # and a rank dies with SIGABRT ("terminate called without an active exception") after
-        # its work is done. Here, not in `run()`: a study runs several runs in one process.
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        # Under `accelerate launch`, tear the process group down here with Accelerate's own call
+        # (what its `end_training` does): left to interpreter exit, gloo's threads can be destroyed
+        # unjoined and a rank dies with SIGABRT ("terminate called without an active exception")
+        # after its work is done. Here, not in `run()`: a study runs several runs in one process.
+        if dist.is_available() and dist.is_initialized():  # else there is nothing to tear down
+            PartialState().destroy_process_group()
 
 
 if __name__ == "__main__":
