@@ -65,6 +65,12 @@ class _MergedLoRA(torch.autograd.Function):
     gradients of ``A (r, in)`` and ``B (out, r)`` are those of the separate form::
 
         dA = s (g B)^T x        dB = s g^T (x A^T)        dx = g (W + s B A)
+
+    The backward's low-rank products take the ``M`` tokens as their columns: ``(g B)^T`` and
+    ``(x A^T)^T`` are ``(r, M)`` products, and ``dA``, ``dB^T`` then read them row by row. With the
+    tokens as rows instead (``(M, r)`` results), MKL's kernel gets an output panel only ``r = 8``
+    wide: on SmolLM2-135M's shapes (968 tokens, two cores, operands cold) the four products of a
+    layer took 15-26% longer, 194 against 159 ms of low-rank products per 8 x 121-token step.
     """
 
     @staticmethod
@@ -81,11 +87,11 @@ class _MergedLoRA(torch.autograd.Function):
         grad_x = linear(grad, merged.t()) if ctx.needs_input_grad[0] else None
         grad_a = grad_b = None
         if ctx.needs_input_grad[3]:
-            g_b = linear(g, lora_b.t())  # (M, r) = g B
-            grad_a = linear(g_b.t(), x2.t()) * ctx.scaling  # (r, in) = (g B)^T x
+            g_b = linear(lora_b.t(), g)  # (r, M) = (g B)^T
+            grad_a = linear(g_b, x2.t()) * ctx.scaling  # (r, in) = (g B)^T x
         if ctx.needs_input_grad[4]:
-            h = linear(x2, lora_a)  # (M, r) = x A^T
-            grad_b = linear(h.t(), g.t()).t() * ctx.scaling  # (out, r) = g^T h, with r as the rows
+            h = linear(lora_a, x2)  # (r, M) = (x A^T)^T
+            grad_b = linear(h, g.t()).t() * ctx.scaling  # (out, r) = g^T (x A^T)
         return grad_x, None, None, grad_a, grad_b, None
 
 
