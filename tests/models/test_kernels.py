@@ -120,3 +120,45 @@ def test_fused_rotary_gives_a_llama_the_logits_and_gradients_of_transformers_own
     torch.testing.assert_close(fused[0], original[0], rtol=1e-5, atol=1e-6)
     for a, b in zip(fused[1], original[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (6, 2), (3, 1)])
+def test_batched_attention_equals_sdpa_forward_and_backward_padding_rows_included(heads):
+    """_BatchedAttention against SDPA's own kernel: left-padded causal masks, query rows that see
+    nothing (SDPA gives them 0 and no gradient), an output gradient on every row."""
+    import torch.nn.functional as F
+
+    from moecl.models.kernels import _BatchedAttention
+
+    torch.manual_seed(0)
+    (h, kv), b, s, d = heads, 3, 11, 8
+    pad = torch.tensor([0, 4, 10])  # the last sequence has one real token
+    keys = torch.arange(s)[None, :] >= pad[:, None]
+    mask = (torch.ones(s, s, dtype=torch.bool).tril()[None] & keys[:, None, :])[:, None]  # (b, 1, s, s)
+    q = torch.randn(b, s, h, d).transpose(1, 2).requires_grad_()  # the strided layout Llama passes
+    k, v = torch.randn(b, kv, s, d, requires_grad=True), torch.randn(b, kv, s, d, requires_grad=True)
+    grad = torch.randn(b, h, s, d)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    out = _BatchedAttention.apply(q, k, v, mask, d**-0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert torch.all(out[2, :, :10] == 0)  # fully masked rows
+    for a, r in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad), strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_batched_attention_only_where_it_computes_what_sdpa_does():
+    from moecl.models.kernels import BATCHED_ATTENTION_MAX_LEN, batched_attention_applies
+
+    def applies(s, grad=True, dtype=torch.float32, dropout=0.0, mask_dtype=torch.bool):
+        q = torch.zeros(2, 4, s, 8, dtype=dtype, requires_grad=grad)
+        k = torch.zeros(2, 2, s, 8, dtype=dtype)
+        return batched_attention_applies(q, k, torch.ones(2, 1, s, s, dtype=mask_dtype), dropout)
+
+    assert applies(12) and applies(BATCHED_ATTENTION_MAX_LEN)
+    assert not applies(BATCHED_ATTENTION_MAX_LEN + 1)  # SDPA's flash kernel is faster there
+    assert not applies(12, grad=False)  # evaluation: nothing to differentiate
+    assert not applies(12, dtype=torch.bfloat16)
+    assert not applies(12, dropout=0.1)
+    assert not applies(12, mask_dtype=torch.float32)
+    with torch.no_grad():
+        assert not applies(12)

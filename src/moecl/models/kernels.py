@@ -9,7 +9,10 @@ Three in-place conversions, each the same function as the one it replaces:
   mask. PyTorch's CPU kernel does (``enable_gqa``): a PMoE training step of SmolLM2-135M on
   1,040 tokens goes from 1,376 to 1,356 ms (8 interleaved rounds); the outputs are
   bit-identical, gradients equal up to rounding. Registered with transformers as
-  ``moecl_sdpa``, which is transformers' ``sdpa`` everywhere else (GPUs, decoding, no mask);
+  ``moecl_sdpa``, which is transformers' ``sdpa`` everywhere else (GPUs, decoding, no mask).
+  In a training step on sequences up to 192 tokens it computes attention as batched products
+  with the gradient written out (:class:`_BatchedAttention`), 9-17% faster than SDPA's flash
+  kernel at 88-161 tokens (+1.7% tokens/s over the benchmark's stream, 4 interleaved rounds);
 - rotary position embedding: Llama's ``apply_rotary_pos_emb`` (``x cos + rotate_half(x) sin``)
   leaves its gradient to autograd, which takes it apart in about eight passes over the queries
   and keys (two slices zero-filled and copied back, a negation, a concatenation, two products,
@@ -79,13 +82,17 @@ def grouped_sdpa(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' ``sdpa`` attention, with grouped key/value heads passed as they are on CPU.
+    """transformers' ``sdpa`` attention, with grouped key/value heads passed as they are on CPU
+    (by :class:`_BatchedAttention` where :func:`batched_attention_applies`, else SDPA).
 
     ``query (batch, heads, q_len, head_dim)``, ``key``/``value (batch, kv_heads, kv_len,
     head_dim)``, ``attention_mask (batch, 1, q_len, kv_len)``; returns ``(batch, q_len, heads,
     head_dim)`` as transformers' attention functions do."""
     plain = all(kwargs.get(k) is None for k in ("cache", "position_bias", "softcap"))  # nothing sdpa's path adds
     if plain and query.is_cpu and attention_mask is not None and query.shape[2] > 1 and query.shape[1] != key.shape[1]:
+        if batched_attention_applies(query, key, attention_mask, dropout):
+            out = _BatchedAttention.apply(query, key, value, attention_mask, scaling or query.shape[-1] ** -0.5)
+            return out.transpose(1, 2).contiguous(), None
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
         )
@@ -93,6 +100,78 @@ def grouped_sdpa(
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
+
+
+BATCHED_ATTENTION_MAX_LEN = 192
+"""Longest sequence :class:`_BatchedAttention` takes. SmolLM2-135M's attention, 8 sequences,
+forward + backward: 0.9x SDPA's time at 161 tokens, 0.97x at 200, 1.04x at 256; the flash kernel
+never holds the ``(len, len)`` scores, and wins on long sequences."""
+
+
+def batched_attention_applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, dropout: float) -> bool:
+    """Whether :class:`_BatchedAttention` computes what SDPA would: a training step (a backward to
+    come) on float32 CPU tensors, self-attention no longer than :data:`BATCHED_ATTENTION_MAX_LEN`,
+    a boolean ``(batch, 1, len, len)`` mask and no dropout."""
+    b, _, s, _ = query.shape
+    return (
+        torch.is_grad_enabled()
+        and (query.requires_grad or key.requires_grad)
+        and query.dtype == torch.float32
+        and key.shape[2] == s <= BATCHED_ATTENTION_MAX_LEN
+        and mask.dtype == torch.bool
+        and tuple(mask.shape) == (b, 1, s, s)
+        and not dropout
+    )
+
+
+class _BatchedAttention(torch.autograd.Function):
+    """Grouped-query attention as batched products, with its gradient written out: for the short
+    sequences of a training step on CPU, faster than SDPA's flash kernel.
+
+    ``q (b, h, s, d)``, ``k``/``v (b, kv, s, d)``, ``mask (b, 1, s, s)`` (True: may attend). The
+    ``g = h / kv`` query heads of a key/value head are stacked into one ``(g s, d)`` operand, so
+    each product is ``b kv`` products of ``g s`` rows instead of ``b h`` of ``s`` rows, and keys and
+    values are never repeated. With ``P = softmax(scale Q K^T + mask)`` and ``dO`` the output
+    gradient::
+
+        O = P V        dV = P^T dO        dS = P * (dO V^T - rowsum(dO * O))
+        dQ = scale dS K                   dK = scale dS^T Q
+
+    A query row whose mask is all False (left padding) gets output 0 and passes no gradient, as
+    SDPA's CPU kernels do. On SmolLM2-135M's attention (8 sequences, 9 heads on 3, head dim 64),
+    forward + backward per layer: 7.95 -> 6.84 ms at 121 tokens, 12.9 -> 10.9 ms at 161.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        b, h, s, d = q.shape
+        kv = k.shape[1]
+        qg = q.contiguous().view(b * kv, h // kv * s, d)  # (b kv, g s, d): a group's heads stacked
+        kg, vg = k.contiguous().view(b * kv, s, d), v.contiguous().view(b * kv, s, d)
+        bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, torch.finfo(q.dtype).min)
+        scores = torch.bmm(qg, kg.transpose(1, 2))  # (b kv, g s, s)
+        grouped = scores.view(b, kv, h // kv, s, s)
+        torch.add(bias.unsqueeze(2), grouped, alpha=scale, out=grouped)  # scale Q K^T + mask, in place
+        p = torch.softmax(scores, dim=-1)
+        rows, positions = (~mask.any(-1)[:, 0]).nonzero(as_tuple=True)  # fully masked query rows
+        p.view(b, kv, h // kv, s, s)[rows, :, :, positions] = 0  # uniform above; SDPA gives them 0
+        out = torch.bmm(p, vg)  # (b kv, g s, d) = (b, h, s, d)
+        ctx.save_for_backward(qg, kg, vg, p, out)
+        ctx.scale = scale
+        return out.view(b, h, s, d)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qg, kg, vg, p, out = ctx.saved_tensors
+        b, h, s, d = grad.shape
+        do = grad.contiguous().view(qg.shape)
+        grad_v = torch.bmm(p.transpose(1, 2), do)  # (b kv, s, d): summed over the group's heads
+        ds = torch.bmm(do, vg.transpose(1, 2))  # dP (b kv, g s, s)
+        ds.sub_((do * out).sum(-1, keepdim=True)).mul_(p)  # softmax's gradient, in place
+        grad_q = torch.bmm(ds, kg).mul_(ctx.scale)
+        grad_k = torch.bmm(ds.transpose(1, 2), qg).mul_(ctx.scale)
+        kv = kg.shape[0] // b
+        return grad_q.view(b, h, s, d), grad_k.view(b, kv, s, d), grad_v.view(b, kv, s, d), None, None
 
 
 class _Rotary(torch.autograd.Function):
