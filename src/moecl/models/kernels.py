@@ -10,9 +10,9 @@ Three in-place conversions, each the same function as the one it replaces:
   1,040 tokens goes from 1,376 to 1,356 ms (8 interleaved rounds); the outputs are
   bit-identical, gradients equal up to rounding. Registered with transformers as
   ``moecl_sdpa``, which is transformers' ``sdpa`` everywhere else (GPUs, decoding, no mask).
-  In a training step on sequences up to 192 tokens it computes attention as batched products
-  with the gradient written out (:class:`_BatchedAttention`), 9-17% faster than SDPA's flash
-  kernel at 88-161 tokens (+1.7% tokens/s over the benchmark's stream, 4 interleaved rounds);
+  In a training step on sequences of 64-512 tokens it computes causal attention as batched
+  products, block by block, with the gradient written out (:class:`_BatchedAttention`): 0.8x
+  SDPA's time at 121 tokens, 0.66x at 512;
 - rotary position embedding: Llama's ``apply_rotary_pos_emb`` (``x cos + rotate_half(x) sin``)
   leaves its gradient to autograd, which takes it apart in about eight passes over the queries
   and keys (two slices zero-filled and copied back, a negation, a concatenation, two products,
@@ -102,76 +102,115 @@ def grouped_sdpa(
     )
 
 
-BATCHED_ATTENTION_MAX_LEN = 192
-"""Longest sequence :class:`_BatchedAttention` takes. SmolLM2-135M's attention, 8 sequences,
-forward + backward: 0.9x SDPA's time at 161 tokens, 0.97x at 200, 1.04x at 256; the flash kernel
-never holds the ``(len, len)`` scores, and wins on long sequences."""
+BATCHED_ATTENTION_LENGTHS = (64, 512)
+"""Sequence lengths :class:`_BatchedAttention` takes (both ends included). On SmolLM2-135M's
+attention (8 sequences, 9 query heads on 3, head dim 64), forward + backward, against SDPA's flash
+kernel: 3.67 against 4.07 ms at 88 tokens, 6.31 / 7.81 at 121, 9.91 / 12.56 at 161, 21.0 / 27.6 at
+256, 34.5 / 52.2 at 512 (4 sequences); but 0.66 against 0.45 ms at 18, where its dozens of small
+operations cost more than the products. Beyond 512 the scores it keeps grow as the square."""
+
+QUERY_BLOCK = 48
+"""Query positions per block of :class:`_BatchedAttention` (about; the blocks split the sequence
+evenly): a block attends to the keys up to its last query only, so two blocks skip a quarter of the
+causal products, three a third."""
 
 
 def batched_attention_applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, dropout: float) -> bool:
-    """Whether :class:`_BatchedAttention` computes what SDPA would: a training step (a backward to
-    come) on float32 CPU tensors, self-attention no longer than :data:`BATCHED_ATTENTION_MAX_LEN`,
-    a boolean ``(batch, 1, len, len)`` mask and no dropout."""
+    """Whether :class:`_BatchedAttention` computes what SDPA would, faster: a training step (a
+    backward to come) on float32 CPU tensors, causal self-attention of a length within
+    :data:`BATCHED_ATTENTION_LENGTHS`, a boolean ``(batch, 1, len, len)`` mask, no dropout.
+
+    The mask must be causal (transformers' masks for decoder models are: causal and padding),
+    since the blocks leave out the keys after each block's last query without reading the mask
+    there; a mask that lets a query see a later key goes to SDPA."""
     b, _, s, _ = query.shape
+    low, high = BATCHED_ATTENTION_LENGTHS
     return (
         torch.is_grad_enabled()
         and (query.requires_grad or key.requires_grad)
         and query.dtype == torch.float32
-        and key.shape[2] == s <= BATCHED_ATTENTION_MAX_LEN
+        and low <= key.shape[2] == s <= high
         and mask.dtype == torch.bool
         and tuple(mask.shape) == (b, 1, s, s)
         and not dropout
+        and not bool(mask.triu(1).any())  # causal: no query attends to a later key
     )
 
 
+def _query_blocks(length: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each block of :data:`QUERY_BLOCK` or so query positions."""
+    n = max(1, round(length / QUERY_BLOCK))
+    edges = [round(i * length / n) for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
 class _BatchedAttention(torch.autograd.Function):
-    """Grouped-query attention as batched products, with its gradient written out: for the short
-    sequences of a training step on CPU, faster than SDPA's flash kernel.
+    """Causal grouped-query attention as batched products, with its gradient written out: for the
+    sequences of a training step on CPU, faster than SDPA's flash kernel (numbers at
+    :data:`BATCHED_ATTENTION_LENGTHS`).
 
-    ``q (b, h, s, d)``, ``k``/``v (b, kv, s, d)``, ``mask (b, 1, s, s)`` (True: may attend). The
-    ``g = h / kv`` query heads of a key/value head are stacked into one ``(g s, d)`` operand, so
-    each product is ``b kv`` products of ``g s`` rows instead of ``b h`` of ``s`` rows, and keys and
-    values are never repeated. With ``P = softmax(scale Q K^T + mask)`` and ``dO`` the output
-    gradient::
+    ``q (b, h, s, d)``, ``k``/``v (b, kv, s, d)``, ``mask (b, 1, s, s)`` (True: may attend, causal).
+    For each key/value head, its ``g = h / kv`` query heads are stacked position by position into
+    one ``(s g, d)`` operand, so a product covers a whole group (keys and values are never
+    repeated), and a block of query positions is a range of its rows. Each block multiplies only
+    the keys up to its own last position: the products above the causal diagonal's blocks are
+    skipped, not masked. With ``P = softmax(scale Q K^T + mask)`` and ``dO`` the output gradient,
+    block by block::
 
-        O = P V        dV = P^T dO        dS = P * (dO V^T - rowsum(dO * O))
-        dQ = scale dS K                   dK = scale dS^T Q
+        O = P V        dV += P^T dO        dS = P * (dO V^T - rowsum(dO * O))
+        dQ = scale dS K                    dK += scale dS^T Q
 
     A query row whose mask is all False (left padding) gets output 0 and passes no gradient, as
-    SDPA's CPU kernels do. On SmolLM2-135M's attention (8 sequences, 9 heads on 3, head dim 64),
-    forward + backward per layer: 7.95 -> 6.84 ms at 121 tokens, 12.9 -> 10.9 ms at 161.
+    SDPA's CPU kernels do. The output is a view of ``(b, s, h, d)`` memory, the layout the
+    attention module reshapes it to.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale):
         b, h, s, d = q.shape
         kv = k.shape[1]
-        qg = q.contiguous().view(b * kv, h // kv * s, d)  # (b kv, g s, d): a group's heads stacked
+        g = h // kv
+        qr = q.reshape(b, kv, g, s, d).transpose(2, 3).contiguous().view(b * kv, s * g, d)  # rows (s, g)
         kg, vg = k.contiguous().view(b * kv, s, d), v.contiguous().view(b * kv, s, d)
         bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, torch.finfo(q.dtype).min)
-        scores = torch.bmm(qg, kg.transpose(1, 2))  # (b kv, g s, s)
-        grouped = scores.view(b, kv, h // kv, s, s)
-        torch.add(bias.unsqueeze(2), grouped, alpha=scale, out=grouped)  # scale Q K^T + mask, in place
-        p = torch.softmax(scores, dim=-1)
         rows, positions = (~mask.any(-1)[:, 0]).nonzero(as_tuple=True)  # fully masked query rows
-        p.view(b, kv, h // kv, s, s)[rows, :, :, positions] = 0  # uniform above; SDPA gives them 0
-        out = torch.bmm(p, vg)  # (b kv, g s, d) = (b, h, s, d)
-        ctx.save_for_backward(qg, kg, vg, p, out)
+        out = q.new_empty(b, s, kv, g, d)
+        probs = []
+        for start, end in _query_blocks(s):
+            n = end - start
+            scores = torch.bmm(qr[:, start * g : end * g], kg[:, :end].transpose(1, 2))  # (b kv, n g, end)
+            grouped = scores.view(b, kv, n, g, end)
+            torch.add(bias[:, :, start:end, :end].unsqueeze(3), grouped, alpha=scale, out=grouped)
+            p = torch.softmax(scores, dim=-1)
+            here = (positions >= start) & (positions < end)
+            if bool(here.any()):  # uniform after the softmax; SDPA gives them 0
+                p.view(b, kv, n, g, end)[rows[here], :, positions[here] - start] = 0
+            out[:, start:end] = torch.bmm(p, vg[:, :end]).view(b, kv, n, g, d).transpose(1, 2)
+            probs.append(p)
+        ctx.save_for_backward(qr, kg, vg, out, *probs)
         ctx.scale = scale
-        return out.view(b, h, s, d)
+        return out.view(b, s, h, d).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad):
-        qg, kg, vg, p, out = ctx.saved_tensors
+        qr, kg, vg, out, *probs = ctx.saved_tensors
         b, h, s, d = grad.shape
-        do = grad.contiguous().view(qg.shape)
-        grad_v = torch.bmm(p.transpose(1, 2), do)  # (b kv, s, d): summed over the group's heads
-        ds = torch.bmm(do, vg.transpose(1, 2))  # dP (b kv, g s, s)
-        ds.sub_((do * out).sum(-1, keepdim=True)).mul_(p)  # softmax's gradient, in place
-        grad_q = torch.bmm(ds, kg).mul_(ctx.scale)
-        grad_k = torch.bmm(ds.transpose(1, 2), qg).mul_(ctx.scale)
         kv = kg.shape[0] // b
-        return grad_q.view(b, h, s, d), grad_k.view(b, kv, s, d), grad_v.view(b, kv, s, d), None, None
+        g = h // kv
+        do = grad.transpose(1, 2).reshape(b, s, kv, g, d)
+        delta = (do * out).sum(-1, keepdim=True)  # rowsum(dO * O), (b, s, kv, g, 1)
+        grad_q = qr.new_empty(b, s, kv, g, d)
+        grad_k, grad_v = torch.zeros_like(kg), torch.zeros_like(vg)
+        for (start, end), p in zip(_query_blocks(s), probs, strict=True):
+            n = end - start
+            do_block = do[:, start:end].transpose(1, 2).reshape(b * kv, n * g, d)
+            grad_v[:, :end].baddbmm_(p.transpose(1, 2), do_block)
+            ds = torch.bmm(do_block, vg[:, :end].transpose(1, 2))  # dP (b kv, n g, end)
+            ds.sub_(delta[:, start:end].transpose(1, 2).reshape(b * kv, n * g, 1)).mul_(p)  # softmax's gradient
+            grad_q[:, start:end] = torch.bmm(ds, kg[:, :end]).view(b, kv, n, g, d).transpose(1, 2)
+            grad_k[:, :end].baddbmm_(ds.transpose(1, 2), qr[:, start * g : end * g], alpha=ctx.scale)
+        grad_q = grad_q.mul_(ctx.scale).view(b, s, h, d).transpose(1, 2)
+        return grad_q, grad_k.view(b, kv, s, d), grad_v.view(b, kv, s, d), None, None
 
 
 class _Rotary(torch.autograd.Function):
