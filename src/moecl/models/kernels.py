@@ -172,7 +172,7 @@ class _BatchedAttention(torch.autograd.Function):
         g = h // kv
         qr = q.reshape(b, kv, g, s, d).transpose(2, 3).contiguous().view(b * kv, s * g, d)  # rows (s, g)
         kg, vg = k.contiguous().view(b * kv, s, d), v.contiguous().view(b * kv, s, d)
-        bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, torch.finfo(q.dtype).min)
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
         rows, positions = (~mask.any(-1)[:, 0]).nonzero(as_tuple=True)  # fully masked query rows
         out = q.new_empty(b, s, kv, g, d)
         probs = []
