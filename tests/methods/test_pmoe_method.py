@@ -98,3 +98,45 @@ def test_gates_recorded_in_generation_equal_a_separate_pass_over_each_prompt():
         alone = model.router_probs(ids)[0].mean(0)  # (experts,)
         torch.testing.assert_close(recorded[prompt], alone, rtol=1e-5, atol=1e-6)
     assert model.gate.probs is not None and model._recorded is None  # recording ended cleanly
+
+
+def test_mean_gates_in_length_groups_equal_each_example_alone():
+    """The distillation targets' per-example gates, computed in batches of neighbours in length,
+    equal a pass over each example alone, in the examples' own order."""
+    from moecl import PMoEConfig, PMoEModel
+    from moecl.data.trace import Example
+    from moecl.methods.pmoe import masked_token_mean, mean_gates
+    from moecl.models.loading import tiny_random
+    from moecl.training.batches import Collator
+
+    base, tokenizer = tiny_random()
+    model = PMoEModel(base, PMoEConfig(tau=1, rank=2, alpha=4))
+    model.add_task()
+    model.add_task()
+    with torch.no_grad():
+        model.router.weight.normal_(std=2.0)
+    collator = Collator(tokenizer, 64, 8)
+    pairs = [("a long prompt indeed", "x"), ("hi", "yes"), ("mid size", "no"), ("q", "a b")]
+    examples = [Example(prompt, answer) for prompt, answer in pairs]
+    means = mean_gates(model, collator, 0, examples, batch_size=2)
+    assert means.shape == (4, 2)
+    for row, example in enumerate(examples):
+        batch = collator([(0, example)])
+        mask = batch["attention_mask"]
+        alone = masked_token_mean(model.router_probs(batch["input_ids"], mask), mask)
+        torch.testing.assert_close(means[row], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_generation_batches_prompts_by_length_in_tokens():
+    """Prompts are grouped by their length in tokens, not characters: with a byte tokenizer "éééé"
+    (8 tokens) is longer than "abcdefg" (7); the texts come back in the prompts' order."""
+    from moecl.evaluation.generation import generate
+    from moecl.models.loading import tiny_random
+
+    base, tokenizer = tiny_random()
+    prompts = ["éééé", "abcde", "ab", "abcdefg"]
+    widths = []
+    texts = generate(base, tokenizer, prompts, 2, 64, 2, on_batch=lambda b: widths.append(b["input_ids"].shape[1]))
+    assert widths == [5, 8]  # (ab, abcde), (abcdefg, éééé); by characters: (ab, éééé), (abcde, abcdefg)
+    for prompt, text in zip(prompts, texts, strict=True):
+        assert text == generate(base, tokenizer, [prompt], 2, 64, 1)[0]

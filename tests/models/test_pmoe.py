@@ -261,3 +261,19 @@ def test_shallow_lora_matches_peft_lora_with_the_same_weights():
                 peft_layer.lora_B["default"].weight.copy_(module.lora_B)
     ids = random_tokens(2, 9)
     torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_router_probs_runs_only_the_shallow_blocks_and_equals_a_full_pass(family):
+    """router_probs ends the pass at the router: the deep blocks never run, the gate is the one a
+    full forward sets, and the model forwards normally afterwards (the early exit is reset)."""
+    pmoe = _pmoe(family, experts=2, tau=2)
+    perturb_adapters(pmoe, scale=0.3)
+    ids, mask, _ = _left_padded_batch()
+    calls = []
+    pmoe.blocks[-1].register_forward_hook(lambda *args: calls.append(1))
+    probs = pmoe.router_probs(ids, mask)
+    assert calls == []
+    with torch.no_grad():
+        logits = pmoe(input_ids=ids, attention_mask=mask).logits
+    assert calls == [1] and logits.shape[:2] == ids.shape
+    torch.testing.assert_close(pmoe.gate.probs, probs, rtol=0, atol=0)
