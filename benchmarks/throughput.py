@@ -44,6 +44,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from moecl import onednn
 from moecl.adapters.expert_bank import LoRAExpertBank
@@ -66,9 +67,11 @@ VARIANTS = {"before": {"length_window": 1, "now": False}, "now": {"length_window
 def kernels(model: nn.Module, now: bool) -> Iterator[None]:
     """``now``: the library as it is; else the code before issue 14: products on PyTorch's default
     kernel, LoRA and the expert mixture computed apart from their base layer, ``sdpa`` attention
-    repeating K/V heads, transformers' own rotary embedding."""
+    repeating K/V heads, transformers' own rotary embedding, a last block computing every position."""
     saved, merged, fused = onednn.ENABLED, LoRALinear.forward, LoRAExpertBank.fusable
     attention = model.config._attn_implementation
+    last = model.model.layers[-1]
+    last_class = type(last)
     module = importlib.import_module(type(model).__module__)
     rotary = module.__dict__.get("apply_rotary_pos_emb")
     onednn.ENABLED = now and saved
@@ -76,6 +79,7 @@ def kernels(model: nn.Module, now: bool) -> Iterator[None]:
         LoRALinear.forward = LoRALinear.reference_forward
         LoRAExpertBank.fusable = lambda self, x: False
         model.set_attn_implementation("sdpa")
+        last.__class__ = LlamaDecoderLayer
         if module.__name__ in ROTARY_ORIGINALS:
             module.apply_rotary_pos_emb = ROTARY_ORIGINALS[module.__name__]
     try:
@@ -83,6 +87,7 @@ def kernels(model: nn.Module, now: bool) -> Iterator[None]:
     finally:
         onednn.ENABLED, LoRALinear.forward, LoRAExpertBank.fusable = saved, merged, fused
         model.set_attn_implementation(attention)
+        last.__class__ = last_class
         if rotary is not None:
             module.apply_rotary_pos_emb = rotary
 

@@ -7,13 +7,15 @@ import json
 import pytest
 import torch
 import transformers.models.llama.modeling_llama as llama
-from conftest import build_tiny, random_tokens
+from conftest import VOCAB, build_tiny, random_tokens
 
 from moecl.models.kernels import (
     GQA_ATTENTION,
     ROTARY_ORIGINALS,
+    LastColumnsBlock,
     fused_rotary,
     grouped_attention,
+    pruned_last_block,
     rotary_pos_emb,
     use_fast_kernels,
 )
@@ -62,12 +64,13 @@ def test_use_fast_kernels_converts_a_llama_and_leaves_gpt2_attention_alone():
     model = build_tiny("llama")
     reference = copy.deepcopy(model)
     counts = use_fast_kernels(model)
-    assert counts == {"linear": 4 * 7 + 1, "attention": 1, "rotary": 1}
+    assert counts == {"linear": 4 * 7 + 1, "attention": 1, "rotary": 1, "last_block": 1}
     ids = random_tokens(2, 9)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     gpt2 = build_tiny("gpt2")
     assert use_fast_kernels(gpt2)["attention"] == 0 and gpt2.config._attn_implementation == "sdpa"
+    assert pruned_last_block(gpt2) == 0
     assert fused_rotary(gpt2) == 0  # no rotary embedding there
 
 
@@ -169,3 +172,61 @@ def test_batched_attention_only_where_it_computes_what_sdpa_does():
     assert not applies(100, mask=torch.ones(2, 1, 100, 100, dtype=torch.bool))  # not causal: blocks would skip keys
     with torch.no_grad():
         assert not applies(100)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", GQA_ATTENTION])
+@pytest.mark.parametrize("padding", [True, False])  # without padding transformers passes no mask at all
+def test_pruned_last_block_gives_the_whole_blocks_logits_gradients_and_generations(attention, padding):
+    model = build_tiny("llama")
+    if attention == GQA_ATTENTION:
+        grouped_attention(model)
+    reference = copy.deepcopy(model)
+    assert pruned_last_block(model) == 1 and type(model.model.layers[-1]) is LastColumnsBlock
+    widths = []
+    model.model.layers[-1].mlp.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    ids = random_tokens(3, 12)
+    mask = torch.ones_like(ids)
+    if padding:
+        mask[0, :5] = 0
+        mask[1, :1] = 0
+    for keep in (1, 4):
+        grads, outputs = [], []
+        for m in (model, reference):
+            m.train()
+            logits = m(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+            outputs.append(logits)
+            weights = torch.linspace(-1, 1, logits.shape[-1])
+            grads.append(torch.autograd.grad((logits * weights).sum(), list(m.parameters()), allow_unused=True))
+            m.eval()
+        assert outputs[0].shape == (3, keep, VOCAB)
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+        for g, r in zip(*grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+        assert widths[-1] == keep  # the MLP saw the kept positions only
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits  # no logits_to_keep: the whole block
+        assert widths[-1] == 12
+        torch.testing.assert_close(full, reference(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-6)
+        new = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        assert torch.equal(new, reference.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False))
+    assert model.model.layers[-1].columns is None
+
+
+def test_pruned_last_block_computes_every_position_when_they_are_asked_for():
+    """Hidden states requested, or a hook on the block (which may read its whole output): the
+    block computes every position, and the outputs are the reference's."""
+    model = build_tiny("llama")
+    reference = copy.deepcopy(model)
+    pruned_last_block(model)
+    ids = random_tokens(2, 9)
+    with torch.no_grad():
+        out = model(input_ids=ids, logits_to_keep=1, output_hidden_states=True)
+        ref = reference(input_ids=ids, logits_to_keep=1, output_hidden_states=True)
+        assert out.hidden_states[-1].shape == (2, 9, 32)
+        torch.testing.assert_close(out.hidden_states[-1], ref.hidden_states[-1], rtol=1e-5, atol=1e-6)
+        seen = []
+        model.model.layers[-1].register_forward_hook(lambda module, args, output: seen.append(output.shape[1]))
+        torch.testing.assert_close(
+            model(input_ids=ids, logits_to_keep=1).logits, reference(input_ids=ids, logits_to_keep=1).logits
+        )
+        assert seen == [9]

@@ -277,3 +277,34 @@ def test_router_probs_runs_only_the_shallow_blocks_and_equals_a_full_pass(family
         logits = pmoe(input_ids=ids, attention_mask=mask).logits
     assert calls == [1] and logits.shape[:2] == ids.shape
     torch.testing.assert_close(pmoe.gate.probs, probs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tau", [2, 4])  # the router after block 2, or after the last block itself
+def test_pruned_last_block_gives_pmoe_the_same_answer_loss_and_gradients(tau):
+    """With the last block computing only the answer's positions, its expert banks read those
+    positions' gate: the loss and every trainable gradient (router included) are unchanged."""
+    import copy
+
+    from moecl.models.kernels import pruned_last_block
+    from moecl.training.batches import answer_loss
+
+    base = build_tiny("llama")
+    plain = copy.deepcopy(base)
+    assert pruned_last_block(base) == 1
+    models = [PMoEModel(b, PMoEConfig(tau=tau, rank=2, alpha=4)) for b in (base, plain)]
+    for pmoe in models:
+        pmoe.add_task()
+        pmoe.add_task()
+        perturb_adapters(pmoe, scale=0.3)
+    ids, mask, _ = _left_padded_batch()
+    labels = torch.full_like(ids, -100)
+    labels[:, -2:] = ids[:, -2:]  # a two-token answer at the end of every row
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    losses, grads = [], []
+    for pmoe in models:
+        loss = answer_loss(pmoe, batch) + pmoe.gate.probs.square().mean()  # a loss on the gate too
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, pmoe.trainable_parameters()))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-7)
+    for g, r in zip(*grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)

@@ -8,9 +8,27 @@ holds a reference to the same instance and reads it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_LAST_POSITIONS: contextvars.ContextVar[int | None] = contextvars.ContextVar("moecl_last_positions", default=None)
+
+
+@contextlib.contextmanager
+def computing_last_positions(n: int) -> Iterator[None]:
+    """Inside: a block computes the last ``n`` positions of the pass alone (the model's last block
+    when only their logits are wanted, :class:`moecl.models.kernels.LastColumnsBlock`), so a
+    :class:`GateState` hands an input of ``n`` positions those positions' gate."""
+    token = _LAST_POSITIONS.set(n)
+    try:
+        yield
+    finally:
+        _LAST_POSITIONS.reset(token)
 
 
 class GateState:
@@ -29,10 +47,15 @@ class GateState:
     def read(self, x: torch.Tensor, num_experts: int) -> torch.Tensor:
         """The gate for the tokens of ``x (..., d_in)``: ``(..., num_experts)``.
 
+        Inside :func:`computing_last_positions` ``(n)``, an ``x`` of ``n`` positions gets the
+        gate of the pass's last ``n``.
         Raises if no router has run for this input, which happens only when a deep block is
         called on its own rather than through the model that owns the router.
         """
         probs = self.probs
+        n = _LAST_POSITIONS.get()
+        if n is not None and probs is not None and probs.dim() == x.dim() == 3 and x.shape[1] == n < probs.shape[1]:
+            probs = probs[:, -n:]
         if probs is None or probs.shape[-1] != num_experts or not _broadcasts(probs.shape[:-1], x.shape[:-1]):
             got = None if probs is None else tuple(probs.shape)
             raise RuntimeError(
