@@ -230,3 +230,20 @@ def test_pruned_last_block_computes_every_position_when_they_are_asked_for():
             model(input_ids=ids, logits_to_keep=1).logits, reference(input_ids=ids, logits_to_keep=1).logits
         )
         assert seen == [9]
+
+
+def test_pruned_last_block_under_activation_checkpointing_gives_the_same_gradients():
+    model = build_tiny("llama")
+    reference = copy.deepcopy(model)
+    pruned_last_block(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = random_tokens(3, 12)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    grads = []
+    for m in (model, reference):
+        m.train()
+        logits = m(input_ids=ids, attention_mask=mask, logits_to_keep=3, use_cache=False).logits
+        grads.append(torch.autograd.grad(logits.square().sum(), list(m.parameters()), allow_unused=True))
+    for g, r in zip(*grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)

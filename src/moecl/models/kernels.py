@@ -302,17 +302,20 @@ relies on ``is_causal``, which would align the ``n`` queries with the first keys
 
 
 class LastColumnsBlock(LlamaDecoderLayer):
-    """A Llama decoder block that, while :attr:`columns` is set to ``n``, returns its output for
-    the last ``n`` positions only: ``(batch, n, hidden)``.
+    """A Llama decoder block that, called with ``last_columns = n``, returns its output for the
+    last ``n`` positions only: ``(batch, n, hidden)``.
 
     Keys and values are projected (and cached) for every position; queries, the attention
     output, the residual stream, the post-attention norm and the MLP for the last ``n``. Since
     this is the model's last block and transformers then takes the last ``n`` positions of its
     output for the logits (``logits_to_keep = n``), the logits are those of the whole block, up
-    to float rounding. Without ``columns``, with output hidden states or attentions requested,
-    or with a forward hook on the block (which may read every position's output), it is Llama's
-    block. :func:`pruned_last_block` installs it and sets ``columns``
-    from each call's ``logits_to_keep``."""
+    to float rounding. Without ``last_columns``, with output hidden states or attentions
+    requested, or with a forward hook on the block (which may read every position's output), it
+    is Llama's block.
+
+    :func:`pruned_last_block` sets :attr:`columns` from each call of the model's integer
+    ``logits_to_keep``, and a pre-hook of the block hands it over as ``last_columns``: an argument,
+    so that activation checkpointing's recomputation, which runs after the call, sees it too."""
 
     columns: int | None = None
 
@@ -324,9 +327,10 @@ class LastColumnsBlock(LlamaDecoderLayer):
         cache=None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        last_columns: int | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        n, (batch, length) = self.columns, hidden_states.shape[:2]
+        n, (batch, length) = last_columns, hidden_states.shape[:2]
         attn = self.self_attn
         implementation = attn.config._attn_implementation
         if (
@@ -378,8 +382,8 @@ class LastColumnsBlock(LlamaDecoderLayer):
 
 def pruned_last_block(model: nn.Module) -> int:
     """Make the last block of a Llama causal LM a :class:`LastColumnsBlock` (in place: the same
-    module, parameters and state dict) and set its ``columns`` from each call's integer
-    ``logits_to_keep``; returns 1 if it did. Other families, and transformers versions whose
+    module, parameters and state dict) computing each call's integer ``logits_to_keep``
+    positions; returns 1 if it did. Other families, and transformers versions whose
     block does not take the arguments :class:`LastColumnsBlock` was written against, keep theirs."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(model, PreTrainedModel) or not layers:
@@ -391,6 +395,7 @@ def pruned_last_block(model: nn.Module) -> int:
     if type(layers[-1]) is LastColumnsBlock:
         return 1
     layers[-1].__class__ = LastColumnsBlock
+    layers[-1].register_forward_pre_hook(_pass_columns, with_kwargs=True)
     model.register_forward_pre_hook(_keep_columns, with_kwargs=True)
     model.register_forward_hook(_release_columns, with_kwargs=True, always_call=True)
     return 1
@@ -405,6 +410,10 @@ def _keep_columns(model: nn.Module, args: tuple, kwargs: dict) -> None:
 
 def _release_columns(model: nn.Module, args: tuple, kwargs: dict, output) -> None:
     model.model.layers[-1].columns = None
+
+
+def _pass_columns(block: LastColumnsBlock, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return args, {**kwargs, "last_columns": block.columns}
 
 
 AttentionInterface.register(GQA_ATTENTION, grouped_sdpa)
