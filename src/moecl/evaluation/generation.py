@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from moecl.data.trace import Example, Task
 from moecl.evaluation.metrics import score
@@ -63,12 +63,15 @@ def generate(
     batch_size: int,
     advance: Callable[[int], None] | None = None,
     on_batch: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    one_line: bool = False,
 ) -> list[str]:
     """Greedy continuations of ``prompts``, in order. Prompts are batched by length in tokens so
     that little padding is computed (on the default stream's test prompts 2% of the prefill,
     against 12% when sorted by length in characters); ``advance(n)`` reports progress;
     ``on_batch`` sees each batch's encoded prompts (``input_ids``, ``attention_mask``) once it is
-    generated."""
+    generated. With ``one_line`` (the task's answers are one line: :func:`single_line`) a
+    sequence ends at the first line end after some text, where :func:`postprocess` cuts it
+    anyway: the text returned stops there, and its prediction is the same."""
     model.eval()
     ids = prompt_ids(tokenizer, prompts, max_prompt_tokens)
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
@@ -77,15 +80,18 @@ def generate(
         chunk = order[start : start + batch_size]
         batch = pad_left(tokenizer, [ids[i] for i in chunk])
         batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+        width = batch["input_ids"].shape[1]
+        stop = StoppingCriteriaList([LineEnded(tokenizer, width)] if one_line else [])
         tokens = model.generate(
             **batch,
+            stopping_criteria=stop,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             use_cache=True,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        new = tokens[:, batch["input_ids"].shape[1] :]
+        new = tokens[:, width:]
         for i, text in zip(chunk, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
             out[i] = text
         if on_batch is not None:
@@ -95,10 +101,27 @@ def generate(
     return out
 
 
+class LineEnded(StoppingCriteria):
+    """Done: the sequences whose new text (after ``start``) holds a line end after some non-blank
+    text, beyond which :func:`postprocess` keeps nothing of a one-line answer."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, start: int):
+        self.tokenizer, self.start = tokenizer, start
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        return torch.tensor([bool(t.strip()) and "\n" in t.lstrip() for t in texts], device=input_ids.device)
+
+
+def single_line(task: Task) -> bool:
+    """Whether the task's answers are one line: no training answer spans lines."""
+    return not any("\n" in e.answer.strip() for e in task.train)
+
+
 def postprocess(task: Task, text: str) -> str:
-    """Cut at the first newline when no training answer of the task spans lines (the model would
-    otherwise be charged for whatever it writes after answering)."""
-    if not any("\n" in e.answer.strip() for e in task.train):
+    """Cut at the first newline when the task's answers are one line (the model would otherwise
+    be charged for whatever it writes after answering)."""
+    if single_line(task):
         text = text.strip().split("\n", 1)[0]
     return text.strip()
 

@@ -43,7 +43,7 @@ from moecl.data.trace import DataError, Example, Task, load_benchmark, read_spli
 from moecl.evaluation.continual import backward_transfer, forward_transfer, overall_performance
 from moecl.evaluation.floors import ZeroShotCache, majority_score, zero_shot_key
 from moecl.evaluation.general import BenchmarkScore, base_scores, paired, score_suite
-from moecl.evaluation.generation import generate, max_new_tokens_for, score_predictions
+from moecl.evaluation.generation import generate, max_new_tokens_for, score_predictions, single_line
 from moecl.evaluation.routing import Allocation, gate_summary
 from moecl.io import atomic_write_json, atomic_write_text
 from moecl.methods import METHODS
@@ -241,6 +241,7 @@ class Run:
                 self.config.eval_batch_size,
                 lambda n: progress.advance(bar, n * acc.num_processes),
                 record if take_gates is not None else None,
+                single_line(task),
             )
             local = [asdict(p) for p in score_predictions(task, examples, raw)]
         preds = gather(acc, local)
