@@ -148,15 +148,12 @@ def mean_gates(
     multiemo's 64 target examples that computes about half the tokens of one padded batch."""
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: collator.length(examples[i]))
-    means: list[torch.Tensor] = [torch.empty(0)] * len(examples)
+    parts = []
     for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = collator([(task_index, examples[i]) for i in rows])
+        batch = collator([(task_index, examples[i]) for i in order[start : start + batch_size]])
         mask = batch["attention_mask"].to(device)
-        gates = masked_token_mean(model.router_probs(batch["input_ids"].to(device), mask), mask)
-        for row, mean in zip(rows, gates, strict=True):
-            means[row] = mean
-    return torch.stack(means)
+        parts.append(masked_token_mean(model.router_probs(batch["input_ids"].to(device), mask), mask))
+    return torch.cat(parts)[torch.tensor(order, device=device).argsort()]  # back to examples' order
 
 
 def masked_token_mean(probs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
