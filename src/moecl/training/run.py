@@ -42,7 +42,7 @@ from rich.table import Table
 from moecl.data.trace import DataError, Example, Task, load_benchmark, read_split
 from moecl.evaluation.continual import backward_transfer, forward_transfer, overall_performance
 from moecl.evaluation.floors import ZeroShotCache, majority_score, zero_shot_key
-from moecl.evaluation.general import BenchmarkScore, base_scores, paired, score_suite
+from moecl.evaluation.general import BenchmarkScore, base_scores, paired, score_suite, suite_note
 from moecl.evaluation.generation import generate, max_new_tokens_for, score_predictions, single_line
 from moecl.evaluation.routing import Allocation, gate_summary
 from moecl.io import atomic_write_json, atomic_write_text
@@ -60,7 +60,8 @@ from moecl.training.trainer import seed_everything, train_task
 
 
 def benchmark_root(config: RunConfig) -> Path:
-    """Where the stream's TRACE-format files are, building ``smoke``/``mini-trace`` if needed."""
+    """Where the stream's TRACE-format files are: ``mini-trace`` ships with moecl, ``smoke`` is
+    generated into the cache once, ``trace`` is the user's ``--data-dir``."""
     if config.benchmark == "trace":
         return Path(config.data_dir)
     if config.data_dir:
@@ -71,9 +72,9 @@ def benchmark_root(config: RunConfig) -> Path:
 
         root = cache_dir() / "data" / f"smoke-v{SMOKE_VERSION}"
         return root if (root / "moecl_tasks.json").is_file() else build_smoke(root)
-    from moecl.data.mini_trace import VERSION, build_mini_trace
+    from moecl.data.mini_trace import shipped_root
 
-    return build_mini_trace(cache_dir() / "data" / f"mini-trace-v{VERSION}")
+    return shipped_root()
 
 
 def load_tasks(config: RunConfig) -> list[Task]:
@@ -316,6 +317,8 @@ class Run:
         base, tokenizer = load_model(cfg.model, seed=cfg.seed, dtype=self.dtype)
         if self.state.get("floors") is None:  # before any adapter touches the base model
             self.state["floors"] = self.floors(base, tokenizer)
+        if cfg.general and suite_note(cfg.general) and self.main:
+            self.console.print(f"note: {suite_note(cfg.general)}", soft_wrap=True)
         if cfg.general and self.state.get("general_before") is None:
             base.to(acc.device)
             before = base_scores(cfg.model, base, tokenizer, cfg.general, cfg.general_limit, self.dtype)
@@ -424,6 +427,7 @@ class Run:
         out = {
             **paired(before, after),
             "general_suite": cfg.general,
+            "general_suite_note": suite_note(cfg.general),
             "general_scored_with": note,
             "general_seconds": seconds,  # this process's time for the after-stream pass
         }
