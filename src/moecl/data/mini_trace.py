@@ -150,9 +150,15 @@ def lettered(instruction: str, text: str, options: list[str], answer: str) -> Ex
 
 
 def sst2(rows: list[dict]) -> list[Example]:
+    """The review first, then the question and the options (asked before the review, the same
+    budget reached 59.0 on the validation split instead of 85.0: README)."""
     classes = ["negative", "positive"]  # fixed: a letter always means one class, as in C-STANCE
+    listed = "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(classes))
     return [
-        lettered("Is the review negative or positive?", r["sentence"].strip(), classes, classes[int(r["label"])])
+        Example(
+            f"Review: {r['sentence'].strip()}\nIs the review negative or positive?\nOptions:\n{listed}\nAnswer:",
+            f" {LETTERS[int(r['label'])]}",
+        )
         for r in rows
     ]
 
