@@ -22,8 +22,9 @@ With the Intel kernels MKL runs in its conditional numerical reproducibility mod
 product on the same inputs could differ in the last bits between calls, and runs were not
 repeatable.
 
-``moecl`` calls it when its command line starts (``MOECL_MKL_UNLOCK=0`` leaves MKL alone);
-library users call it first thing, before any tensor maths.
+It rewrites machine code inside another library, so it is opt-in and off by default: it acts only
+with ``MOECL_MKL_UNLOCK=1`` in the environment (``moecl`` calls it when its command line starts;
+library users call it first thing, before any tensor maths); otherwise MKL is left alone.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def unlocked() -> bool:
 
 
 def _unlock() -> str:
-    if os.environ.get("MOECL_MKL_UNLOCK", "1") == "0":
-        return "skipped: MOECL_MKL_UNLOCK=0"
+    if os.environ.get("MOECL_MKL_UNLOCK") != "1":
+        return "skipped: off by default (MOECL_MKL_UNLOCK=1 turns it on)"
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return f"skipped: {platform.system()} {platform.machine()} (only Linux x86-64)"
     vendor = cpu_vendor()

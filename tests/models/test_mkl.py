@@ -48,22 +48,28 @@ amd_mkl = pytest.mark.skipif(
 
 @amd_mkl
 def test_unlocked_before_the_first_product_and_the_products_stay_right():
-    result = fresh("early")
+    result = fresh("early", MOECL_MKL_UNLOCK="1")
     assert result["state"] == "unlocked" and result["again"] == "unlocked"  # idempotent
     assert result["mm_err"] < 1e-4 and result["att_err"] < 1e-5  # against float64 references
     # MKL's reproducible mode: without it a model's first vocabulary projection differed in the last
     # bits from the next ones, and whole runs drifted apart (issue 14's note)
     assert result["cbwr"] == "AUTO,STRICT"
-    assert fresh("early", MKL_CBWR="COMPATIBLE")["cbwr"] == "COMPATIBLE"  # a user's own choice stands
+    # a user's own choice stands
+    assert fresh("early", MKL_CBWR="COMPATIBLE", MOECL_MKL_UNLOCK="1")["cbwr"] == "COMPATIBLE"
 
 
 @amd_mkl
 def test_after_a_product_it_says_it_is_too_late():
-    result = fresh("late")
+    result = fresh("late", MOECL_MKL_UNLOCK="1")
     assert result["state"].startswith("skipped: MKL had already chosen")
     assert result["mm_err"] < 1e-4
 
 
 def test_the_switch_leaves_mkl_alone():
     result = fresh("early", MOECL_MKL_UNLOCK="0")
-    assert result["state"] == "skipped: MOECL_MKL_UNLOCK=0" and result["mm_err"] < 1e-4
+    assert result["state"] == "skipped: off by default (MOECL_MKL_UNLOCK=1 turns it on)" and result["mm_err"] < 1e-4
+
+
+def test_mkl_is_left_alone_by_default():
+    result = fresh("early")  # no MOECL_MKL_UNLOCK in the environment
+    assert result["state"] == "skipped: off by default (MOECL_MKL_UNLOCK=1 turns it on)" and result["mm_err"] < 1e-4
