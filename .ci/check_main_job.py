@@ -17,9 +17,8 @@ if results.get("model") != "smollm2-135m" or results.get("benchmark") != "mini-t
     problems.append(f"model/benchmark {results.get('model')}/{results.get('benchmark')}")
 R = results.get("R") or []
 k = len(DEFAULT_TASKS)
-if len(R) != k or any(
-    not isinstance(R[i][j], (int, float)) or math.isnan(R[i][j]) for i in range(k) for j in range(i + 1)
-):
+cells = [row[j] if j < len(row) else None for i, row in enumerate(R[:k]) for j in range(i + 1)]
+if len(R) != k or any(not isinstance(c, (int, float)) or math.isnan(c) for c in cells):
     problems.append(f"R is not a complete {k}x{k} lower triangle: {R}")
 for key in ("OP", "BWT"):
     if not isinstance(results.get(key), (int, float)) or math.isnan(results[key]):

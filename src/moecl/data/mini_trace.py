@@ -300,9 +300,8 @@ def build(out: Path, wheel: Path, seed: int = 0) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     build_info = {"name": "mini-trace", "version": VERSION, "seed": seed, "command": "moecl data build"}
-    write_benchmark(
-        tmp, build_tasks(read_sources(wheel), seed), default=DEFAULT_TASKS, sources=sources(), build=build_info
-    )
+    tasks = build_tasks(read_sources(wheel), seed)
+    write_benchmark(tmp, tasks, default=DEFAULT_TASKS, sources=sources(), build=build_info, compress=True)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

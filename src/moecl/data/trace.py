@@ -102,11 +102,8 @@ def read_split(path: Path, sha256: str | None = None) -> list[Example]:
     ``sha256``: the digest the manifest gives for the (uncompressed) JSON; a file that differs is
     named as damaged."""
     raw = read_bytes(path)
-    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
-        raise DataError(
-            f"{path}: damaged or altered, sha256 {hashlib.sha256(raw).hexdigest()} differs from the manifest's "
-            f"{sha256}; {REPAIR}"
-        )
+    if sha256 is not None and (found := hashlib.sha256(raw).hexdigest()) != sha256:
+        raise DataError(f"{path}: damaged or altered, sha256 {found} differs from the manifest's {sha256}; {REPAIR}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -235,19 +232,18 @@ def write_benchmark(
     default: list[str] | None = None,
     sources: dict[str, dict[str, str]] | None = None,
     build: dict[str, object] | None = None,
-    compress: bool | None = None,
+    compress: bool = False,
 ) -> None:
     """Write tasks in TRACE's format plus the manifest, atomically per file.
 
     The manifest holds the order, metrics, the default selection of tasks a run takes when none
     are named, and per file (``<task>/<split>.json``) its item count and the sha256 of its JSON;
     ``sources`` (per task: dataset, where from, licence) and ``build`` (name, version, the command
-    that rebuilds it) are recorded as given. ``compress`` (default: when ``sources`` are given)
-    writes ``<split>.json.gz`` (gzip with no time stamp, so the bytes depend on the items only).
+    that rebuilds it) are recorded as given. ``compress`` writes ``<split>.json.gz`` (gzip with no
+    time stamp, so the bytes depend on the items only).
     """
     from moecl.io import atomic_write_bytes
 
-    compress = sources is not None if compress is None else compress
     files = {}
     for task in tasks:
         for split in ("train", "test", "eval"):
