@@ -93,7 +93,8 @@ def test_smoke_run_writes_the_contract_then_resumes_after_sigkill_to_the_same_nu
     log = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
     assert [(s["task"], s["step"]) for s in log] == [(s["task"], s["step"]) for s in steps]
 
-    refused = _moecl([*FAST, "lr=0.5", "--out", str(killed)], env)
+    # (lr may change on resume: moecl.training.folder.RESUMABLE; rank may not)
+    refused = _moecl([*FAST, "rank=4", "--out", str(killed)], env)
     assert refused.returncode == 2 and "different config" in refused.stdout and "--force" in refused.stdout
 
 

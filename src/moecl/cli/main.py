@@ -310,6 +310,23 @@ def run_theory(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def io_fault(err: OSError) -> str:
+    """One line for a failed read or write: the file, the fault, and what to do."""
+    import errno
+
+    where = f"{err.filename}: " if err.filename else ""
+    what = err.strerror or str(err)
+    if err.errno == errno.ENOSPC:
+        todo = "free space on that disk, then run the same command again: it resumes from the last checkpoint"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        todo = "the folder is not writable: fix its permissions or choose another --out"
+    elif err.errno == errno.ENOENT:
+        todo = "the path does not exist: check it"
+    else:
+        todo = "fix the file or folder, then run the same command again"
+    return f"{where}{what}; {todo}"
+
+
 def main(argv: list[str] | None = None) -> int:
     unlock_mkl()  # before any product: MKL's fast kernels on AMD CPUs too (moecl/mkl.py)
     args = build_parser().parse_args(argv)
@@ -319,6 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
         return 2
+    except OSError as err:
+        console.print(f"[bold red]error:[/] {io_fault(err)}", soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        console.print(
+            "\ninterrupted; nothing finished was lost: run the same command again to resume (a run resumes "
+            "after its last completed task, or its last --save-every checkpoint)",
+            soft_wrap=True,
+        )
+        return 130
     finally:
         # Under `accelerate launch`, tear the process group down here with Accelerate's own call
         # (what its `end_training` does): left to interpreter exit, gloo's threads can be destroyed

@@ -99,7 +99,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} is not key=value")
-        values[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        try:
+            values[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = str(getattr(err, "problem", None) or err).splitlines()[0]
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({problem}); quote text values") from None
     return values
 
 

@@ -22,6 +22,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moecl.data.names import check_task_name
+
 TRACE_ORDER = [
     "C-STANCE",
     "FOMC",
@@ -159,11 +161,19 @@ def task_order(root: Path, tasks: list[str] | None = None) -> list[str]:
         )
     present = sorted(p.name for p in root.iterdir() if p.is_dir())
     manifest = _manifest(root)
+    for key in ("order", "default"):
+        for name in manifest.get(key) or []:
+            try:
+                check_task_name(name, f"{root / MANIFEST} field {key!r}")
+            except ValueError as err:
+                raise DataError(str(err)) from None
     if tasks == ["all"]:
         tasks = None
     elif not tasks and manifest.get("default"):
         tasks = manifest["default"]
     if tasks:
+        for name in tasks:
+            check_task_name(name, "--tasks")
         missing = [t for t in tasks if t not in present]
         if missing:
             raise DataError(f"{root}: no task folder for {', '.join(missing)}; tasks there: {', '.join(present)}")

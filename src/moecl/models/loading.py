@@ -104,6 +104,24 @@ def smollm2_dir() -> Path:
     return target
 
 
+def check_model_name(name: str) -> None:
+    """Refuse, before anything is loaded or written, a model that is neither an alias, nor a
+    folder saved with ``save_pretrained``, nor a Hugging Face name (``owner/model``)."""
+    path = Path(name).expanduser()
+    if name in ALIASES:
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model {name}: the folder has no config.json; give a folder saved with save_pretrained")
+        return
+    looks_local = name.startswith((".", "/", "~")) or path.exists()
+    if looks_local or name.count("/") != 1:
+        raise ValueError(
+            f"--model {name!r}: no such folder, and not an alias ({', '.join(ALIASES)}) or a Hugging Face name "
+            "(owner/model); give one of those"
+        )
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -129,8 +147,9 @@ def load_model(
     else:
         path = smollm2_dir() if name == "smollm2-135m" else name
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            # Never the "run custom code? [y/N]" prompt: a model's own Python is not executed.
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
         except OSError as err:
             raise ValueError(
                 f"cannot load model {name!r}: {err}. Pass a local folder saved with "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from moecl.data.names import check_task_name
 from moecl.evaluation.continual import BWT_CONVENTIONS
 
 METHOD_NAMES = ("pmoe", "moses", "seq-ft", "seq-lora", "o-lora", "per-task-lora", "mtl", "icl")
@@ -171,18 +173,102 @@ class RunConfig:
             if isinstance(value, str):
                 setattr(self, name, [v.strip() for v in value.split(",") if v.strip()])
         for f in fields(self):
+            check_type(f.name, f.type, getattr(self, f.name))
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(map(str, choices))}")
         if self.benchmark == "trace" and not self.data_dir:
             raise ValueError("--benchmark trace reads TRACE's files: pass --data-dir DIR")
-        if self.batch_size < 1 or self.micro_batch_size < 1 or self.epochs < 1 or self.length_window < 1:
-            raise ValueError("batch_size, micro_batch_size, epochs and length_window must be at least 1")
-        if not 0 <= self.replay <= 1:
-            raise ValueError(f"replay is a fraction in [0, 1], got {self.replay}")
+        for name, low in AT_LEAST.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"{name} must be at least {low}, got {value}")
+        for name, (low, high, closed) in FRACTIONS.items():
+            value = getattr(self, name)
+            if value is not None and not (low <= value <= high if closed else low <= value < high):
+                raise ValueError(f"{name} must lie in [{low}, {high}{']' if closed else ')'}, got {value}")
+        for name in ("lr", "alpha", "router_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        if isinstance(self.tau, float) and not 0 < self.tau <= 1:
+            raise ValueError(f"tau is a block count (an int >= 1) or a fraction of the blocks in (0, 1], got {self.tau}")
+        if isinstance(self.tau, int) and self.tau < 1:
+            raise ValueError(f"tau is a block count (an int >= 1) or a fraction of the blocks in (0, 1], got {self.tau}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}: the "
+                "effective batch is micro-batch x accumulation steps x processes"
+            )
+        if self.method == "moses" and self.top_k > self.initial_experts:
+            raise ValueError(f"top_k {self.top_k} exceeds initial_experts {self.initial_experts}: too few sub-experts")
+        if self.tasks is not None:
+            if not self.tasks:
+                raise ValueError("tasks is empty; name tasks, or leave it out for the stream's default selection")
+            for name in self.tasks:
+                check_task_name(name, "--tasks")
+            twice = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+            if twice:
+                raise ValueError(f"--tasks names {', '.join(twice)} more than once; each task joins the stream once")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("target_modules is empty; name projections such as q_proj,v_proj, or all-linear")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+AT_LEAST = {
+    "train_size": 1,
+    "test_size": 1,
+    "eval_size": 1,
+    "epochs": 1,
+    "batch_size": 1,
+    "micro_batch_size": 1,
+    "max_prompt_tokens": 1,
+    "max_answer_tokens": 1,
+    "max_new_tokens": 1,
+    "eval_batch_size": 1,
+    "length_window": 1,
+    "save_every": 0,
+    "seed": 0,
+    "rank": 1,
+    "sub_rank": 1,
+    "top_k": 1,
+    "initial_experts": 1,
+    "new_per_task": 0,
+    "icl_shots": 0,
+    "icl_max_prompt_tokens": 1,
+    "weight_decay": 0,
+    "lambda_route": 0,
+    "lambda_orth": 0,
+    "lambda_l2": 0,
+    "lambda_route_distill": 0,
+    "general_limit": 1,
+}
+"""Lower bounds of numeric options (``None`` stays allowed where the type allows it)."""
+FRACTIONS = {"replay": (0, 1, True), "warmup_ratio": (0, 1, False), "lora_dropout": (0, 1, False)}
+"""Options that are shares: (low, high, whether high itself is allowed)."""
+
+
+def check_type(name: str, annotation: str, value: Any) -> None:
+    """Refuse a value of the wrong type for its field's annotation (YAML and ``key=value`` hand
+    over whatever they parsed: ``epochs=2.5`` is a float, ``lr=.inf`` an infinite one)."""
+    allowed = [a.strip() for a in annotation.split("|")]
+    if value is None:
+        if "None" in allowed:
+            return
+        raise ValueError(f"{name} needs a value ({annotation}), got null")
+    ok = {
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+    }
+    if not any(ok.get(a, False) for a in allowed):
+        raise ValueError(f"{name}={value!r} is not of type {annotation}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}: give a finite number")
 
 
 def _number(text: str) -> int | float:

@@ -1,24 +1,15 @@
-"""A continual-learning run end to end: train over the stream, fill ``R``, write the run folder.
-
-The run folder (``--out``) is a contract other commands and users rely on::
-
-    config.json          the fully resolved RunConfig
-    state.json           progress: tasks completed, R rows so far (written last after each task)
-    results.json         method, model, benchmark, tasks, metrics, R, OP, BWT, FWT, bwt_convention,
-                         router_allocation, seed, trainable_params, total_params, wall_seconds, ...
-    predictions/after-task-<t>/<task>.jsonl   prompt, answer, prediction, score per test example
-    checkpoints/task-<t>/                     the method's weights after task t (safetensors)
-    replay.json          the replay memory
-    log.jsonl            loss, lr, step, task per optimizer step (PMoE: the newest expert's gate)
-    router_allocation.png  routed methods: the allocation matrix after every phase
-    .lock                the writer's pid and host while a run holds the folder (see training/lock.py)
+"""A continual-learning run end to end: train over the stream, fill ``R``, write the run folder
+(its layout: :mod:`moecl.training.folder`).
 
 Crash safety: every file is written atomically, and ``state.json`` only after a task's
 checkpoint, predictions and replay memory are on disk. Re-running the same command resumes
 after the last completed task; every RNG is re-seeded from ``(seed, task)`` at the start of a
-task, so the resumed run produces the same numbers as an uninterrupted one. One process writes a
-folder at a time (a second one is refused, naming the first), and a NaN or infinite loss stops
-the run naming the task and step, with the last completed task's checkpoint intact.
+task, so the resumed run produces the same numbers as an uninterrupted one. A damaged newest
+checkpoint falls back to the one before it (said aloud), a log line cut by a crash is dropped.
+One process writes a folder at a time (a second one is refused, naming the first), and a NaN or
+infinite loss stops the run naming the task and step, with the last completed task's checkpoint
+intact; the options in :data:`~moecl.training.folder.RESUMABLE` (a lower ``lr``) may change on
+resume.
 """
 
 from __future__ import annotations
@@ -49,12 +40,13 @@ from moecl.io import atomic_write_json, atomic_write_text
 from moecl.methods import METHODS
 from moecl.methods.base import Method
 from moecl.mkl import unlock_mkl
-from moecl.models.loading import cache_dir, load_model, resolve_dtype
+from moecl.models.loading import cache_dir, check_model_name, load_model, resolve_dtype
 from moecl.onednn import keep_freed_memory
 from moecl.reports.plots import plot_allocation_phases
 from moecl.training.batches import Collator
 from moecl.training.config import RunConfig
-from moecl.training.lock import LOCK_NAME, RunLock
+from moecl.training.folder import RESUMABLE, RunFolder, RunFolderError
+from moecl.training.lock import RunLock
 from moecl.training.replay import ReplayMemory
 from moecl.training.trainer import seed_everything, train_task
 
@@ -101,27 +93,6 @@ def load_replay_extra(config: RunConfig) -> list[Example]:
     return read_split(path)
 
 
-def prepare_out(out: Path, config: RunConfig, force: bool) -> None:
-    """Refuse a folder made with another config (unless ``force``, which empties it but for the
-    lock the caller holds, and starts over)."""
-    saved_path = out / "config.json"
-    if saved_path.is_file():
-        saved = json.loads(saved_path.read_text())
-        if saved != config.to_dict():
-            if not force:
-                differ = sorted(
-                    k for k in set(saved) | set(config.to_dict()) if saved.get(k) != config.to_dict().get(k)
-                )
-                raise ValueError(
-                    f"{out} holds a run made with a different config (differs in: {', '.join(differ)}); "
-                    "re-run with the same options to resume it, choose another --out, or pass "
-                    "--force to start it over"
-                )
-            for entry in out.iterdir():
-                if entry.name != LOCK_NAME:
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-
-
 class Run:
     """One continual-learning run over ``tasks`` into ``out`` (see the module docstring)."""
 
@@ -133,6 +104,7 @@ class Run:
         console: Console | None = None,
         progress: Progress | None = None,
         replay_extra: list[Example] | None = None,
+        changes: dict[str, list[Any]] | None = None,
     ):
         self.config, self.out, self.tasks = config, out, tasks
         self.replay_extra = replay_extra or []  # --replay-extra's examples (read and checked by run())
@@ -146,19 +118,43 @@ class Run:
         if self.main and (note := engine_mismatch(self.accelerator)):
             self.console.print(f"[yellow]note: {note}[/]")
         self.method: Method = METHODS[config.method](config)
-        state_path = out / "state.json"
-        self.state: dict[str, Any] = (
-            json.loads(state_path.read_text())
-            if state_path.is_file()
-            else {"completed": 0, "R": [], "zero_shot": None, "train": [], "wall_seconds": 0.0}
-        )
+        self.folder = RunFolder(out)
+        self.state: dict[str, Any] = self.folder.read_state() or {
+            "completed": 0,
+            "R": [],
+            "zero_shot": None,
+            "train": [],
+            "wall_seconds": 0.0,
+        }
+        if changes:
+            self.resume_with(changes)
+
+    def say(self, text: str) -> None:
+        if self.main:
+            self.console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+    def resume_with(self, changes: dict[str, list[Any]]) -> None:
+        """Record options changed on resume (:data:`~moecl.training.folder.RESUMABLE`); an
+        interrupted task starts again from its beginning, under the new options."""
+        done = self.state["completed"]
+        shown = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
+        self.state.setdefault("option_changes", []).append({"from_phase": done + 1, "options": changes})
+        partial = self.state.get("partial")
+        if partial is not None:
+            self.state["partial"] = None
+            self.say(f"{self.out}: resuming with {shown}; phase {done + 1} starts again from its beginning")
+        else:
+            self.say(f"{self.out}: resuming with {shown} from phase {done + 1}")
+        if self.main:
+            atomic_write_json(self.folder.state, self.state)
+            if partial is not None:
+                shutil.rmtree(self.folder.checkpoint(partial["dir"]), ignore_errors=True)
 
     # -- files (main process only) ------------------------------------------------------------
 
     def log(self, record: dict[str, Any]) -> None:
         if self.main:
-            with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            self.folder.append_log(record)
 
     def save_mid_task(self, model: torch.nn.Module, t: int, snapshot: dict[str, Any]) -> None:
         """Checkpoint phase ``t`` after optimizer step ``snapshot["step"]``: the method's weights and
@@ -167,11 +163,12 @@ class Run:
         any moment leaves ``state.json`` pointing to a complete checkpoint."""
         if not self.main:
             return
-        folder = self.out / "checkpoints" / f"task-{t}-step-{snapshot['step']}"
+        folder = self.folder.checkpoint(f"task-{t}-step-{snapshot['step']}")
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.method.save(model, tmp)
-        torch.save({k: snapshot[k] for k in ("optimizer", "schedule", "torch_rng")}, tmp / "trainer_state.pt")
+        with writing(folder):
+            self.method.save(model, tmp)
+            torch.save({k: snapshot[k] for k in ("optimizer", "schedule", "torch_rng")}, tmp / "trainer_state.pt")
         position = {k: snapshot[k] for k in ("step", "micro", "tokens", "padded", "last_loss", "python_rng")}
         atomic_write_json(tmp / "position.json", {"task": t, **position})
         shutil.rmtree(folder, ignore_errors=True)
@@ -184,14 +181,9 @@ class Run:
 
     def _trim_log(self) -> None:
         """Drop log lines of a task that was interrupted (it is trained again from its start)."""
-        path = self.out / "log.jsonl"
-        if self.main and path.is_file():
-            keep = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and _kept(json.loads(line), self.state["completed"], self.state.get("partial"))
-            ]
-            atomic_write_text(path, "".join(line + "\n" for line in keep))
+        if self.main:
+            for note in self.folder.trim_log(self.state["completed"], self.state.get("partial")):
+                self.say(f"note: {note}")
 
     def progress(self) -> contextlib.AbstractContextManager[Progress]:
         """The caller's live progress display if one was handed in (rich allows one at a time), else
@@ -311,9 +303,6 @@ class Run:
     def execute(self) -> dict[str, Any]:
         cfg, out, acc = self.config, self.out, self.accelerator
         start = time.perf_counter()
-        if self.main:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(out / "config.json", cfg.to_dict())
         base, tokenizer = load_model(cfg.model, seed=cfg.seed, dtype=self.dtype)
         if self.state.get("floors") is None:  # before any adapter touches the base model
             self.state["floors"] = self.floors(base, tokenizer)
@@ -323,23 +312,12 @@ class Run:
             base.to(acc.device)
             before = base_scores(cfg.model, base, tokenizer, cfg.general, cfg.general_limit, self.dtype)
             self.state["general_before"] = {name: score.to_json() for name, score in before.items()}
-        seed_everything(cfg.seed, -1)  # adapters' initial values (overwritten again when resuming)
+        model, resume = self.restore(base)
         done = self.state["completed"]
-        partial = self.state.get("partial")
-        resume = None
-        if partial is not None and partial["task"] == done:  # a mid-task checkpoint (--save-every)
-            model = self.method.load(base, out / "checkpoints" / partial["dir"])
-            resume = load_mid_task(out / "checkpoints" / partial["dir"])
-            self.console.print(f"resuming {out} inside phase {done + 1}, after its optimizer step {partial['step']}")
-        elif done:
-            model = self.method.load(base, out / "checkpoints" / f"task-{done - 1}")
-            self.console.print(f"resuming {out} after {done} of {len(self.phases())} training phases")
-        else:
-            model = self.method.wrap(base)
-        if done:
-            memory = ReplayMemory.from_json(json.loads((out / "replay.json").read_text()), cfg.replay, cfg.seed)
-        else:
-            memory = ReplayMemory(cfg.replay, cfg.seed)
+        memory = ReplayMemory(cfg.replay, cfg.seed)  # rebuilt: each task's sample depends on (seed, task) only
+        for phase in self.phases()[:done]:
+            for i in phase:
+                memory.add_task(i, self.tasks[i].train)
         self._trim_log()
         model.to(acc.device)
         if cfg.gradient_checkpointing and self.method.trains:
@@ -386,17 +364,20 @@ class Run:
                 allocation = gates.to_json() if gates.matrix else None
                 if allocation is not None:
                     self.state.setdefault("allocation", []).append(allocation)
-                self.state["train"].append({"task": name, "examples": len(items) if self.method.trains else 0, **stats})
+                examples = len(items) if self.method.trains else 0
+                options = {k: getattr(cfg, k) for k in RESUMABLE}  # those that may change on resume
+                self.state["train"].append({"task": name, "examples": examples, **stats, "options": options})
                 self.state["completed"] = t + 1
                 finished_partial, self.state["partial"] = self.state.get("partial"), None
                 self.state["wall_seconds"] += time.perf_counter() - start
                 start = time.perf_counter()
                 if self.main:
-                    self.method.save(model, out / "checkpoints" / f"task-{t}")
-                    atomic_write_json(out / "replay.json", memory.to_json())
-                    atomic_write_json(out / "state.json", self.state)  # last: marks task t complete
+                    with writing(self.folder.checkpoint(f"task-{t}")):
+                        self.method.save(model, self.folder.checkpoint(f"task-{t}"))
+                    atomic_write_json(self.folder.replay, memory.to_json())
+                    atomic_write_json(self.folder.state, self.state)  # last: marks task t complete
                     if finished_partial is not None:
-                        shutil.rmtree(out / "checkpoints" / finished_partial["dir"], ignore_errors=True)
+                        shutil.rmtree(self.folder.checkpoint(finished_partial["dir"]), ignore_errors=True)
                     title = f"R after phase {t + 1} ({cfg.eval_split} split)"
                     self.console.print(r_table(self.tasks, self.state["R"], title, phases, self.state["floors"]))
                     if allocation is not None:
@@ -414,6 +395,58 @@ class Run:
             atomic_write_json(out / "results.json", results)
         acc.wait_for_everyone()
         return results
+
+    def restore(self, base: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+        """The model to train on from, and the trainer's mid-task snapshot if there is one.
+
+        Resumes from the newest checkpoint that loads: the mid-task one (``--save-every``), else the
+        last completed task's. A damaged one is named and the one before it taken (the tasks after
+        it are trained again); with none left the run starts from the base model."""
+        cfg, done = self.config, self.state["completed"]
+        partial = self.state.get("partial")
+        if partial is not None and partial["task"] == done:  # a mid-task checkpoint (--save-every)
+            path = self.folder.checkpoint(partial["dir"])
+            try:
+                seed_everything(cfg.seed, -1)
+                model, resume = self.method.load(base, path), load_mid_task(path)
+            except Exception as err:  # noqa: BLE001 (any fault of a damaged folder: safetensors, torch, JSON)
+                self.say(f"note: {path} is damaged ({first_line(err)}); phase {done + 1} starts again from its beginning")
+                self.state["partial"] = None
+                base = self.fresh_base()
+            else:
+                self.say(f"resuming {self.out} inside phase {done + 1}, after its optimizer step {partial['step']}")
+                return model, resume
+        for k in range(done, 0, -1):
+            path = self.folder.checkpoint(f"task-{k - 1}")
+            try:
+                seed_everything(cfg.seed, -1)
+                model = self.method.load(base, path)
+            except Exception as err:  # noqa: BLE001
+                self.say(f"note: {path} is damaged ({first_line(err)}); trying the checkpoint before it")
+                base = self.fresh_base()
+                continue
+            if k < done:
+                self.rewind(k)
+            self.say(f"resuming {self.out} after {k} of {len(self.phases())} training phases")
+            return model, None
+        if done:
+            self.rewind(0)
+        seed_everything(cfg.seed, -1)  # adapters' initial values
+        return self.method.wrap(base), None
+
+    def fresh_base(self) -> torch.nn.Module:
+        """The base model again (a failed load may have put adapters on the one it was given)."""
+        return load_model(self.config.model, seed=self.config.seed, dtype=self.dtype)[0]
+
+    def rewind(self, completed: int) -> None:
+        """Forget the phases after ``completed`` (their checkpoint is damaged): they are trained again."""
+        self.say(f"{self.out}: phases {completed + 1}..{self.state['completed']} are trained again")
+        for key in ("R", "train", "allocation"):
+            if key in self.state:
+                self.state[key] = self.state[key][:completed]
+        self.state["completed"], self.state["partial"] = completed, None
+        if self.main:
+            atomic_write_json(self.folder.state, self.state)
 
     def general_after(self, model, base, tokenizer) -> dict[str, Any]:
         """General ability after the stream, paired with the base model's on the same items
@@ -613,8 +646,12 @@ def run(
     console: Console | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Validate the data, check the run folder, then train and evaluate over the whole stream.
-    ``progress``: a live display to add this run's bars to (a study's)."""
+    """Check the options, the data and the run folder, then train and evaluate over the whole
+    stream. Nothing is written before every check has passed. ``progress``: a live display to
+    add this run's bars to (a study's)."""
+    folder = RunFolder(out)
+    folder.check_usable()  # never a lock file in a folder that is not a run
+    check_model_name(config.model)
     tasks = load_tasks(config)  # every file is validated before anything is created or trained
     replay_extra = load_replay_extra(config)
     keep_freed_memory()  # no page faults on each step's activations (moecl.onednn)
@@ -628,5 +665,26 @@ def run(
                 f"{out}: its last writer (pid {lock.previous.get('pid')} on {lock.previous.get('host')}) is gone; "
                 "taking the folder over"
             )
-        prepare_out(out, config, force)
-        return Run(config, out, tasks, console, progress, replay_extra).execute()
+        changes = folder.prepare(config.to_dict(), force)
+        return Run(config, out, tasks, console, progress, replay_extra, changes).execute()
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Name ``path`` and what to do when writing it fails: safetensors reports a full disk as its
+    own error, not as an ``OSError``."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        raise RunFolderError(
+            f"{path}: could not write the checkpoint ({first_line(err)}); free space on that disk or make the "
+            "folder writable, then run the same command again: it resumes from the last complete checkpoint"
+        ) from err
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message, first line only and capped, for a one-line note."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text[:200]
