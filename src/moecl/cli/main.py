@@ -251,7 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--gate", metavar="G,G,...", help="a fixed gate over the experts (sums to 1): rank T*r")
     which.add_argument("--task", metavar="NAME", help="the router's mean gate on that task at the end of the stream")
     export.add_argument("--merged", action="store_true", help="merge into the base weights (a transformers folder)")
-    export.add_argument("--out", type=Path, required=True, help="folder to write")
+    export.add_argument("--out", type=Path, required=True, help="folder to write (new or empty)")
+    export.add_argument(
+        "--force", action="store_true", help="write into a non-empty --out (files of the same names are replaced)"
+    )
     export.set_defaults(handler=export_command)
     theory = commands.add_parser(
         "theory",

@@ -18,6 +18,7 @@ import yaml
 from rich.console import Console
 
 from moecl.training.config import PRESETS, RunConfig, config_from_options, converter
+from moecl.training.folder import RESUMABLE
 
 RUN_DESCRIPTION = """\
 Train a method over a stream of tasks, evaluating after every task, and write the run folder
@@ -26,6 +27,11 @@ base-model zero-shot) and router allocation, predictions/, checkpoints/, log.jso
 the same command resumes after the last completed task. With no options: PMoE on
 SmolLM2-135M-Instruct over mini-trace's default stream (sst2, med-subject, arithmetic), scored
 on the test split; every default was chosen on the validation split (--eval-split eval).
+
+Resuming: the same command resumes an interrupted run (after a crash, Ctrl-C or a NaN stop).
+These options may change on resume, acting on the training still to come, and each task's
+values are recorded in results.json (train[t].options): __RESUMABLE__. Any other change is
+refused; --force starts the run over. After a NaN stop, lower --lr and run again.
 
 examples:
   moecl run                                   # the default job
@@ -39,6 +45,7 @@ examples:
   accelerate launch --multi_gpu --num_processes 2 -m moecl.cli.main run --preset smoke micro_batch_size=4
       # data-parallel; on a CPU-only machine this starts 2 gloo processes
 """
+RUN_DESCRIPTION = RUN_DESCRIPTION.replace("__RESUMABLE__", ", ".join(RESUMABLE))
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +72,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--config", type=Path, help="YAML file of options (keys as in config.json)")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/<method>-<model>-<benchmark>-s<seed>)")
-    parser.add_argument("--force", action="store_true", help="start over a run folder made with another config")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="start over a run folder made with other options: removes only the files moecl wrote there (a folder "
+        "that is not a moecl run is never written into)",
+    )
     parser.add_argument(
         "--seeds",
         type=seed_list,
@@ -302,6 +314,8 @@ def export_command(args: argparse.Namespace, console: Console) -> int:
     results_path = args.run_dir / "results.json"
     if not results_path.is_file():
         raise ValueError(f"{args.run_dir} is not a finished moecl run folder (no results.json)")
+    if args.out.exists() and any(args.out.iterdir()) and not args.force:
+        raise ValueError(f"--out {args.out} is not empty; choose a new folder, or pass --force to write into it")
     config = config_from_options(json.loads((args.run_dir / "config.json").read_text()))
     if config.method != "pmoe":
         raise ValueError(f"{args.run_dir} is a {config.method} run; export takes PMoE runs (their experts)")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from moecl.data.tokens import last_tokens
 from moecl.data.trace import Example, Task
 from moecl.evaluation.metrics import score
 
@@ -23,7 +24,7 @@ class Prediction:
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
     """Each prompt's token ids, truncated from the left like in training."""
-    return [tokenizer(p, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]
+    return [last_tokens(tokenizer, p, max_prompt_tokens) for p in prompts]
 
 
 def encode_prompts(

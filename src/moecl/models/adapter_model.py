@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -18,9 +19,16 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moecl.adapters.lora import LINEAR_TYPES
-from moecl.adapters.state import ADAPTER_TYPES, named_adapter_parameters, parameter_counts
+from moecl.adapters.state import ADAPTER_TYPES, named_adapter_parameters, parameter_counts, saved_state_dict
 from moecl.models.architectures import check_causal_lm, decoder_blocks, default_target_modules
-from moecl.models.persistence import load_adapters, read_adapter_meta, save_adapters
+from moecl.models.persistence import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_adapters,
+    read_adapter_meta,
+    save_adapters,
+    stored_elements,
+)
 
 
 def _matches(path_in_block: str, targets: list[str]) -> bool:
@@ -169,8 +177,19 @@ class AdapterModel(nn.Module):
         """Rebuild saved adapters on ``base_model``: same structure, same tensors; the newest
         task's adapters are trainable, as when saved."""
         meta = read_adapter_meta(directory, cls.FORMAT, cls.__name__.removesuffix("Model"))
+        config_path, weights_path = Path(directory) / CONFIG_NAME, Path(directory) / WEIGHTS_NAME
+        tasks = meta.get(cls.TASKS_KEY)
+        if not isinstance(tasks, int) or isinstance(tasks, bool) or tasks < 0:
+            raise ValueError(f"{config_path}: field {cls.TASKS_KEY!r} is {tasks!r}, expected a count >= 0")
+        stored = stored_elements(weights_path)  # the header only: a false count fails before it is built
         model = cls(base_model, cls.CONFIG(**meta[cls.CONFIG_KEY]))
-        for _ in range(meta[cls.TASKS_KEY]):
+        for built in range(tasks):
             model.add_task()
+            own = sum(v.numel() for k, v in saved_state_dict(model).items() if k not in cls.OPTIONAL_KEYS)
+            if own > stored:
+                raise ValueError(
+                    f"{config_path}: {cls.TASKS_KEY} is {tasks}, but {weights_path} holds the tensors of at most "
+                    f"{built}; the config and weights disagree (files of different runs?)"
+                )
         load_adapters(model, directory, meta, cls.OPTIONAL_KEYS)
         return model

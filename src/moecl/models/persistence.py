@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
@@ -58,6 +59,20 @@ def read_adapter_meta(directory: str | Path, expected_format: str, kind: str) ->
     if meta.get("format") != expected_format:
         raise ValueError(f"{config_path}: field 'format' is {meta.get('format')!r}, expected {expected_format!r}")
     return meta
+
+
+def stored_elements(path: Path) -> int:
+    """How many numbers ``path`` (a safetensors file) holds, read from its header alone."""
+    if not path.is_file():
+        raise ValueError(f"{path} not found: the adapter folder is incomplete")
+    total = 0
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            n = 1
+            for size in f.get_slice(key).get_shape():
+                n *= size
+            total += n
+    return total
 
 
 def load_adapters(

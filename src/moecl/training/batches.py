@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import Sampler
 from transformers import PreTrainedTokenizerBase
 
+from moecl.data.tokens import first_tokens, last_tokens
 from moecl.data.trace import Example
 
 
@@ -30,8 +31,8 @@ class Collator:
     max_answer_tokens: int
 
     def encode(self, example: Example) -> tuple[list[int], list[int]]:
-        prompt = self.tokenizer(example.prompt, add_special_tokens=False)["input_ids"][-self.max_prompt_tokens :]
-        answer = self.tokenizer(example.answer, add_special_tokens=False)["input_ids"][: self.max_answer_tokens]
+        prompt = last_tokens(self.tokenizer, example.prompt, self.max_prompt_tokens)
+        answer = first_tokens(self.tokenizer, example.answer, self.max_answer_tokens)
         return prompt, answer + [self.tokenizer.eos_token_id]
 
     def length(self, example: Example) -> int:

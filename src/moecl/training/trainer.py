@@ -126,9 +126,10 @@ def train_task(
                 if not bool(torch.isfinite(loss.detach())):
                     raise NonFiniteLoss(
                         f"training {task_name or f'phase {task_index + 1}'}, optimizer step {step + 1}: the loss is "
-                        f"{float(loss.detach()):g}; the run stopped before applying it. The last good checkpoint "
-                        "is the last completed task's (running the same command resumes from it); lower --lr or "
-                        "check this task's data"
+                        f"{float(loss.detach()):g}; the run stopped before applying it, its last checkpoint intact. "
+                        "Lower --lr (or a loss weight) and run again: it resumes from that checkpoint with the new "
+                        "value (the options that may change on resume are listed in `moecl run --help`); or check "
+                        "this task's data"
                     )
                 accelerator.backward(loss)
                 optimizer.step()
