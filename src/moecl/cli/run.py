@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import time
 from dataclasses import MISSING, fields, replace
 from pathlib import Path
@@ -28,10 +29,7 @@ the same command resumes after the last completed task. With no options: PMoE on
 SmolLM2-135M-Instruct over mini-trace's default stream (sst2, med-subject, arithmetic), scored
 on the test split; every default was chosen on the validation split (--eval-split eval).
 
-Resuming: the same command resumes an interrupted run (after a crash, Ctrl-C or a NaN stop).
-These options may change on resume, acting on the training still to come, and each task's
-values are recorded in results.json (train[t].options): __RESUMABLE__. Any other change is
-refused; --force starts the run over. After a NaN stop, lower --lr and run again.
+__RESUMING__
 
 examples:
   moecl run                                   # the default job
@@ -45,7 +43,16 @@ examples:
   accelerate launch --multi_gpu --num_processes 2 -m moecl.cli.main run --preset smoke micro_batch_size=4
       # data-parallel; on a CPU-only machine this starts 2 gloo processes
 """
-RUN_DESCRIPTION = RUN_DESCRIPTION.replace("__RESUMABLE__", ", ".join(RESUMABLE))
+RUN_DESCRIPTION = RUN_DESCRIPTION.replace(
+    "__RESUMING__",
+    textwrap.fill(
+        "Resuming: the same command resumes an interrupted run (after a crash, Ctrl-C or a NaN stop). These "
+        "options may change on resume, acting on the training still to come; each task's values are recorded "
+        f"in results.json (train[t].options): {', '.join(RESUMABLE)}. Any other change is refused; --force "
+        "starts the run over. After a NaN stop, lower --lr and run again.",
+        width=95,
+    ),
+)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
