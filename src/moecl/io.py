@@ -48,3 +48,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike, fix: str = "restore or re-create it") -> Any:
+    """``path``'s JSON, or a ``ValueError`` naming the file, the fault and ``fix`` (what to do)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: damaged, invalid JSON at line {err.lineno} ({err.msg}); {fix}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: damaged, not UTF-8 text; {fix}") from err

@@ -383,7 +383,9 @@ def test_truncated_tokenisation_equals_tokenising_the_whole_text(n):
 
     rng = random.Random(n)
     words = ["alpha", "beta", "γάμμα", "12345", "x", "!!", "\n", "  ", "\t", "don't", "C++"]
-    texts = ["".join(rng.choice(words) + rng.choice([" ", "", "  "]) for _ in range(rng.randint(1, 400))) for _ in range(60)]
+    texts = [
+        "".join(rng.choice(words) + rng.choice([" ", "", "  "]) for _ in range(rng.randint(1, 400))) for _ in range(60)
+    ]
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, show_progress=False))

@@ -8,7 +8,6 @@ overrides < explicit ``--option`` flags.
 from __future__ import annotations
 
 import argparse
-import json
 import textwrap
 import time
 from dataclasses import MISSING, fields, replace
@@ -18,6 +17,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from moecl.io import read_json
 from moecl.training.config import PRESETS, RunConfig, config_from_options, converter
 from moecl.training.folder import RESUMABLE
 
@@ -208,10 +208,10 @@ def show_command(args: argparse.Namespace, console: Console) -> int:
         if not state.is_file():
             raise ValueError(f"{args.run_dir} has neither results.json nor state.json: not a moecl run folder")
         raise ValueError(
-            f"{args.run_dir} is unfinished ({json.loads(state.read_text())['completed']} tasks done); "
+            f"{args.run_dir} is unfinished ({read_json(state)['completed']} tasks done); "
             "re-run its command to resume it"
         )
-    results = json.loads(path.read_text())
+    results = read_json(path)
     tasks = [Task(n, results["metrics"][n], [], []) for n in results["tasks"]]
     console.print(f"{results['method']} on {results['model']}, {results['benchmark']}, seed {results['seed']}")
     title = f"R (score on task, after training task; {results.get('eval_split', 'test')} split)"
@@ -274,7 +274,7 @@ def general_command(args: argparse.Namespace, console: Console) -> int:
         state_path = args.run / "state.json"
         if not (args.run / "results.json").is_file() or not state_path.is_file():
             raise ValueError(f"{args.run} is not a finished moecl run folder (no results.json); finish it first")
-        config = config_from_options(json.loads((args.run / "config.json").read_text()))
+        config = config_from_options(read_json(args.run / "config.json"))
     model_name = config.model if config else args.model
     dtype = resolve_dtype(config.dtype if config else "auto", device)
     base, tokenizer = load_model(model_name, dtype=dtype)
@@ -297,9 +297,9 @@ def general_command(args: argparse.Namespace, console: Console) -> int:
         record["seconds"] = round(seconds, 1)
     else:
         method = METHODS[config.method](config)
-        done = json.loads((args.run / "state.json").read_text())["completed"]
+        done = read_json(args.run / "state.json")["completed"]
         model = method.load(base, args.run / "checkpoints" / f"task-{done - 1}").to(device)
-        tasks = json.loads((args.run / "results.json").read_text())["tasks"]
+        tasks = read_json(args.run / "results.json")["tasks"]
         scored, note = method.general_model(model, len(tasks) - 1)
         start = time.perf_counter()
         after = score_suite(scored, base, tokenizer, args.suite, limit, args.batch_size)
@@ -323,11 +323,11 @@ def export_command(args: argparse.Namespace, console: Console) -> int:
         raise ValueError(f"{args.run_dir} is not a finished moecl run folder (no results.json)")
     if args.out.exists() and any(args.out.iterdir()) and not args.force:
         raise ValueError(f"--out {args.out} is not empty; choose a new folder, or pass --force to write into it")
-    config = config_from_options(json.loads((args.run_dir / "config.json").read_text()))
+    config = config_from_options(read_json(args.run_dir / "config.json"))
     if config.method != "pmoe":
         raise ValueError(f"{args.run_dir} is a {config.method} run; export takes PMoE runs (their experts)")
-    results = json.loads(results_path.read_text())
-    done = json.loads((args.run_dir / "state.json").read_text())["completed"]
+    results = read_json(results_path)
+    done = read_json(args.run_dir / "state.json")["completed"]
     base, tokenizer = load_model(config.model, dtype=torch.float32)
     model = METHODS["pmoe"](config).load(base, args.run_dir / "checkpoints" / f"task-{done - 1}")
     n = model.num_experts
@@ -368,12 +368,12 @@ def route_command(args: argparse.Namespace, console: Console) -> int:
 
     if not (args.run_dir / "results.json").is_file():
         raise ValueError(f"{args.run_dir} is not a finished moecl run folder (no results.json)")
-    config = config_from_options(json.loads((args.run_dir / "config.json").read_text()))
+    config = config_from_options(read_json(args.run_dir / "config.json"))
     if config.method != "pmoe":
         raise ValueError(f"{args.run_dir} is a {config.method} run; the route view needs PMoE's router")
     text = args.text if args.text is not None else args.file.read_text(encoding="utf-8")
-    tasks = json.loads((args.run_dir / "results.json").read_text())["tasks"]
-    done = json.loads((args.run_dir / "state.json").read_text())["completed"]
+    tasks = read_json(args.run_dir / "results.json")["tasks"]
+    done = read_json(args.run_dir / "state.json")["completed"]
     base, tokenizer = load_model(config.model, dtype=torch.float32)
     model = METHODS["pmoe"](config).load(base, args.run_dir / "checkpoints" / f"task-{done - 1}").eval()
     pieces, probs = token_routes(model, tokenizer, text)

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from moecl.io import atomic_path, atomic_write_json, atomic_write_text
+from moecl.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 from moecl.reports.stats import ItemScores, general_item_scores, item_scores, mean_ci, paired_bootstrap
 from moecl.reports.tables import markdown_table
 from moecl.training.config import DEFAULT_REPLAY
@@ -82,14 +81,14 @@ class MethodRuns:
 def load_results(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
     """``(folder, results.json)`` of a run folder, or of every ``seed-*`` subfolder of a multi-seed one."""
     if (run_dir / "results.json").is_file():
-        return [(run_dir, json.loads((run_dir / "results.json").read_text()))]
+        return [(run_dir, read_json(run_dir / "results.json"))]
     seeds = sorted(run_dir.glob("seed-*/results.json"), key=lambda p: int(p.parent.name.split("-", 1)[1]))
     if not seeds:
         raise ValueError(
             f"{run_dir} holds no results.json nor seed-*/results.json: not a finished `moecl run` folder "
             "(an unfinished one resumes when its command is run again)"
         )
-    return [(p.parent, json.loads(p.read_text())) for p in seeds]
+    return [(p.parent, read_json(p)) for p in seeds]
 
 
 def default_label(results: dict[str, Any], config: dict[str, Any] | None) -> str:
@@ -109,7 +108,7 @@ def collect(run_dirs: list[Path], labels: list[str] | None = None) -> list[Metho
         loaded = load_results(run_dir)
         results = [r for _, r in loaded]
         config_path = next(iter(sorted(run_dir.glob("config.json")) + sorted(run_dir.glob("seed-*/config.json"))), None)
-        config = json.loads(config_path.read_text()) if config_path else None
+        config = read_json(config_path) if config_path else None
         label = labels[i] if labels else default_label(results[0], config)
         columns.append(MethodRuns(label, results, [f for f, _ in loaded]))
     names = [c.label for c in columns]

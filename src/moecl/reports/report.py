@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moecl.io import read_json
 from moecl.reports.plots import plot_allocation_phases, plt
 
 STYLE = (
@@ -139,8 +140,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     path = run_dir / "results.json"
     if not path.is_file():
         raise ValueError(f"{run_dir} has no results.json: not a finished moecl run folder")
-    results = json.loads(path.read_text())
-    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    results = read_json(path)
+    config = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
     title = f"{results['method']} on {results['model']}, {results['benchmark']}, seed {results['seed']}"
     body = [
         f"<h1>{html.escape(title)}</h1>",

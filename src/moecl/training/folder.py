@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from moecl import io
 from moecl.io import atomic_write_json, atomic_write_text
 from moecl.training.lock import LOCK_NAME
 
@@ -76,11 +77,9 @@ class RunFolderError(ValueError):
 def read_json(path: Path, fix: str) -> Any:
     """``path``'s JSON, or :class:`RunFolderError` naming the file, the fault and ``fix``."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise RunFolderError(f"{path}: damaged, invalid JSON at line {err.lineno} ({err.msg}); {fix}") from err
-    except UnicodeDecodeError as err:
-        raise RunFolderError(f"{path}: damaged, not UTF-8 text; {fix}") from err
+        return io.read_json(path, fix)
+    except ValueError as err:
+        raise RunFolderError(str(err)) from err
 
 
 def finite(value: Any) -> Any:

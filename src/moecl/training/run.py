@@ -410,7 +410,9 @@ class Run:
                 seed_everything(cfg.seed, -1)
                 model, resume = self.method.load(base, path), load_mid_task(path)
             except Exception as err:  # noqa: BLE001 (any fault of a damaged folder: safetensors, torch, JSON)
-                self.say(f"note: {path} is damaged ({first_line(err)}); phase {done + 1} starts again from its beginning")
+                self.say(
+                    f"note: {path} is damaged ({first_line(err)}); phase {done + 1} starts again from its beginning"
+                )
                 self.state["partial"] = None
                 base = self.fresh_base()
             else:
