@@ -191,14 +191,8 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value}")
-        if isinstance(self.tau, float) and not 0 < self.tau <= 1:
-            raise ValueError(
-                f"tau is a block count (an int >= 1) or a fraction of the blocks in (0, 1], got {self.tau}"
-            )
-        if isinstance(self.tau, int) and self.tau < 1:
-            raise ValueError(
-                f"tau is a block count (an int >= 1) or a fraction of the blocks in (0, 1], got {self.tau}"
-            )
+        if (isinstance(self.tau, float) and not 0 <= self.tau <= 1) or (isinstance(self.tau, int) and self.tau < 0):
+            raise ValueError(f"tau is a block count (an int >= 0) or a fraction of the blocks in [0, 1], got {self.tau}")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}: the "
