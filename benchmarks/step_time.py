@@ -29,7 +29,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from moecl import PMoEConfig, PMoEModel
 from moecl.adapters import LoRAExpertBank
-from moecl.onednn import use_onednn
 
 BATCH, SEQ, VOCAB = 8, 128, 8000
 TARGETS = ["q_proj", "v_proj"]
@@ -47,7 +46,6 @@ def base_model() -> LlamaForCausalLM:
         max_position_embeddings=SEQ,
     )
     model = LlamaForCausalLM(config)
-    use_onednn(model)  # as load_model does; PEFT's LoRA layers are nn.Linear too, so both sides use it
     return model
 
 

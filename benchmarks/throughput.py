@@ -15,24 +15,23 @@ One process, three measurements:
     first micro-batches of an epoch of each default task, counting real (unpadded) tokens;
 (c) greedy generation on the default stream's test prompts: prompts/s and new tokens/s.
 
-Like ``moecl``, it first lets MKL use its Intel kernels on an AMD CPU (``moecl.mkl``; that holds
-for the whole process, both variants included; ``--keep-mkl`` measures MKL's generic path).
-(b) and (c) run two variants interleaved round by round: ``before`` (shuffled micro-batches,
-every product on PyTorch's default kernel, LoRA and the expert mixture computed apart from their
-base layer, transformers' attention and rotary embedding: the code before issue 14) and ``now``
-(the library as it is: length-grouped micro-batches, products on the faster kernel, the shallow
-LoRA merged into its layer's weight, the mixture accumulated into the base product, ...).
+Like ``moecl run --kernels auto`` on CPU, it first makes the CPU backend's process-wide settings
+(``moecl.backends.cpu.prepare_process``: glibc keeps freed memory; MKL's vendor check only with
+``MOECL_MKL_UNLOCK=1``). (b) and (c) run two variants interleaved round by round, on the same
+length-grouped micro-batches: ``stock`` (``--kernels stock``: PyTorch's and transformers' own
+modules) and ``auto`` (``--kernels auto``: ``moecl.backends.cpu`` applied to the model: products
+on oneDNN, grouped attention, the last block's kept positions, the merged shallow LoRA and the
+expert mixture accumulated into the base product).
 Model FLOPs count
 ``2 N`` per token forward and ``2 N`` backward (the frozen base needs input gradients only),
 ``N`` the base model's non-embedding weights. The last line is ``train_mfu = X.XX``: the median
-over rounds of ``now``'s real-token model FLOP rate over the limit measured in the same round.
+over rounds of ``auto``'s real-token model FLOP rate over the limit measured in the same round.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import statistics
 import time
 from collections.abc import Iterator
@@ -44,52 +43,31 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from moecl import onednn
-from moecl.adapters.expert_bank import LoRAExpertBank
-from moecl.adapters.lora import LoRALinear
+from moecl.backends import cpu
+from moecl.backends.cpu import linear as onednn
 from moecl.data.trace import Example, Task
 from moecl.evaluation.generation import generate
 from moecl.methods import METHODS
-from moecl.mkl import unlock_mkl
-from moecl.models.kernels import ROTARY_ORIGINALS, use_fast_kernels
 from moecl.models.loading import byte_tokenizer, load_model
 from moecl.training.batches import Collator, LengthGroupedBatches
 from moecl.training.config import RunConfig
 from moecl.training.run import load_tasks, make_accelerator
 from moecl.training.trainer import train_task
 
-VARIANTS = {"before": {"length_window": 1, "now": False}, "now": {"length_window": 8, "now": True}}
+VARIANTS = {"stock": {"length_window": 8, "now": False}, "auto": {"length_window": 8, "now": True}}
 
 
 @contextlib.contextmanager
 def kernels(model: nn.Module, now: bool) -> Iterator[None]:
-    """``now``: the library as it is; else the code before issue 14: products on PyTorch's default
-    kernel, LoRA and the expert mixture computed apart from their base layer, ``sdpa`` attention
-    repeating K/V heads, transformers' own rotary embedding, a last block computing every position."""
-    saved, merged, fused = onednn.ENABLED, LoRALinear.forward, LoRAExpertBank.fusable
-    attention = model.config._attn_implementation
-    last = model.model.layers[-1]
-    last_class = type(last)
-    module = importlib.import_module(type(model).__module__)
-    rotary = module.__dict__.get("apply_rotary_pos_emb")
-    onednn.ENABLED = now and saved
-    if not now:
-        LoRALinear.forward = LoRALinear.reference_forward
-        LoRAExpertBank.fusable = lambda self, x: False
-        model.set_attn_implementation("sdpa")
-        last.__class__ = LlamaDecoderLayer
-        if module.__name__ in ROTARY_ORIGINALS:
-            module.apply_rotary_pos_emb = ROTARY_ORIGINALS[module.__name__]
+    """``now``: the CPU backend applied to ``model`` (``--kernels auto``), undone afterwards; else
+    the stock modules (``--kernels stock``)."""
+    applied = cpu.apply(model) if now else None
     try:
         yield
     finally:
-        onednn.ENABLED, LoRALinear.forward, LoRAExpertBank.fusable = saved, merged, fused
-        model.set_attn_implementation(attention)
-        last.__class__ = last_class
-        if rotary is not None:
-            module.apply_rotary_pos_emb = rotary
+        if applied is not None:
+            applied.undo()
 
 
 def smollm2():
@@ -109,7 +87,6 @@ def smollm2():
         )
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).eval()
-        use_fast_kernels(model)
         tokenizer = byte_tokenizer()
         tokenizer.padding_side = "left"
         return model, tokenizer, "random SmolLM2-135M-shaped Llama (weights not cached)"
@@ -184,15 +161,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per task per round")
     parser.add_argument("--eval-prompts", type=int, default=32, help="test prompts per task per round")
     parser.add_argument(
-        "--keep-mkl", action="store_true", help="leave MKL's generic path on AMD CPUs (moecl.mkl; the CLI unlocks it)"
-    )
-    parser.add_argument(
-        "--profile", action="store_true", help="then profile `now`'s steps on the first task; print the top operators"
+        "--profile", action="store_true", help="then profile `auto`'s steps on the first task; print the top operators"
     )
     args = parser.parse_args()
-    mkl = "kept (--keep-mkl)" if args.keep_mkl else unlock_mkl()  # before any product, as `moecl` does
+    process = cpu.prepare_process()  # before any product, as `moecl run --kernels auto` does
     console = Console(width=max(Console().width, 110))  # the tables are wider than a default 80 columns
-    onednn.keep_freed_memory()  # as `moecl run` does
     torch.manual_seed(0)
     base, tokenizer, model_name = smollm2()
     n_params = non_embedding_params(base)
@@ -232,7 +205,7 @@ def main() -> None:
                 evals[variant].append((new_tokens, time.perf_counter() - start))
         console.print(f"round {round_ + 1} of {args.rounds} done")
 
-    console.print(f"MKL on this CPU: {mkl}")
+    console.print(f"process settings: {process}")
     console.print(f"model: {model_name}, N = {n_params / 1e6:.1f}M non-embedding weights; {rows} rows per product")
     table = Table(title="(a) float32 matmul rate at the model's projection shapes (median; each round)")
     table.add_column("kernel")
@@ -261,7 +234,7 @@ def main() -> None:
             f"{gflops:.0f}",
             f"{statistics.median(mfu[variant]):.3f}",
             " ".join(f"{m:.2f}" for m in mfu[variant]),
-            f"{tok_s[variant] / tok_s['before']:.2f}x",
+            f"{tok_s[variant] / tok_s['stock']:.2f}x",
         )
     console.print(table)
     for window in (1, config.length_window):
@@ -273,14 +246,15 @@ def main() -> None:
     p_s = {v: statistics.median(len(prompts) / s for _, s in evals[v]) for v in VARIANTS}
     for variant in VARIANTS:
         n_s = statistics.median(n / s for n, s in evals[variant])
-        table.add_row(variant, f"{p_s[variant]:.2f}", f"{n_s:.1f}", f"{p_s[variant] / p_s['before']:.2f}x")
+        table.add_row(variant, f"{p_s[variant]:.2f}", f"{n_s:.1f}", f"{p_s[variant] / p_s['stock']:.2f}x")
     console.print(table)
     if args.profile:
-        cfg = replace(config, length_window=VARIANTS["now"]["length_window"], epochs=1, save_every=0)
+        cfg = replace(config, length_window=VARIANTS["auto"]["length_window"], epochs=1, save_every=0)
         with kernels(base, True), torch.profiler.profile() as prof:
             train_task(accelerator, method, model, collator, samples[0], cfg, 0, lambda record: None)
         console.print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=48))
-    console.print(f"train_mfu = {statistics.median(mfu['now']):.2f}")
+    console.print(f"train_mfu (stock) = {statistics.median(mfu['stock']):.2f}")
+    console.print(f"train_mfu = {statistics.median(mfu['auto']):.2f}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from moecl.adapters import GateState, LoRAExpertBank, LoRALinear, Router
+from moecl.backends.cpu.adapters import FusedExpertBank
 
 
-def _bank(num_experts: int, base: nn.Module, rank: int = 3) -> LoRAExpertBank:
-    bank = LoRAExpertBank(base, rank=rank, alpha=6.0, gate=GateState())
+def _bank(num_experts: int, base: nn.Module, rank: int = 3, kind: type = LoRAExpertBank) -> LoRAExpertBank:
+    bank = kind(base, rank=rank, alpha=6.0, gate=GateState())
     g = torch.Generator().manual_seed(0)
     for _ in range(num_experts):
         bank.add_expert()
@@ -50,7 +51,7 @@ def test_fused_bank_layer_equals_base_plus_mixture_forward_and_backward(gate, bi
     """The bank's fused layer (mixture accumulated into the base product) against ``base(x) +
     delta(x)`` computed apart, with frozen experts before the training one."""
     torch.manual_seed(0)
-    bank = _bank(3, nn.Linear(12, 10, bias=bias).double().requires_grad_(False))
+    bank = _bank(3, nn.Linear(12, 10, bias=bias).double().requires_grad_(False), kind=FusedExpertBank)
     with torch.no_grad():  # non-zero frozen experts too
         bank.frozen_B.normal_()
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
@@ -72,11 +73,11 @@ def test_fused_bank_layer_equals_base_plus_mixture_forward_and_backward(gate, bi
 
 def test_bank_layer_is_fused_only_where_it_computes_the_same():
     x = torch.randn(2, 3, 8)
-    assert _bank(1, nn.Linear(8, 6).requires_grad_(False)).fusable(x)
-    assert not _bank(1, nn.Linear(8, 6)).fusable(x)  # a trainable base needs its weight gradient
-    assert not _bank(1, Conv1D(6, 8).requires_grad_(False)).fusable(x)
-    assert not _bank(1, nn.Linear(8, 6).requires_grad_(False)).fusable(x.double())
-    dropout = LoRAExpertBank(nn.Linear(8, 6).requires_grad_(False), rank=2, alpha=4.0, gate=GateState(), dropout=0.1)
+    assert _bank(1, nn.Linear(8, 6).requires_grad_(False), kind=FusedExpertBank).fusable(x)
+    assert not _bank(1, nn.Linear(8, 6), kind=FusedExpertBank).fusable(x)  # a trainable base needs its weight gradient
+    assert not _bank(1, Conv1D(6, 8).requires_grad_(False), kind=FusedExpertBank).fusable(x)
+    assert not _bank(1, nn.Linear(8, 6).requires_grad_(False), kind=FusedExpertBank).fusable(x.double())
+    dropout = FusedExpertBank(nn.Linear(8, 6).requires_grad_(False), rank=2, alpha=4.0, gate=GateState(), dropout=0.1)
     dropout.add_expert()
     assert not dropout.fusable(x)
 

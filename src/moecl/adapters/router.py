@@ -22,7 +22,7 @@ _LAST_POSITIONS: contextvars.ContextVar[int | None] = contextvars.ContextVar("mo
 @contextlib.contextmanager
 def computing_last_positions(n: int) -> Iterator[None]:
     """Inside: a block computes the last ``n`` positions of the pass alone (the model's last block
-    when only their logits are wanted, :class:`moecl.models.kernels.LastColumnsBlock`), so a
+    when only their logits are wanted, :class:`moecl.backends.cpu.last_block.LastColumnsBlock`), so a
     :class:`GateState` hands an input of ``n`` positions those positions' gate."""
     token = _LAST_POSITIONS.set(n)
     try:

@@ -32,7 +32,6 @@ from moecl.cli.run import (
     study_command,
     sweep_command,
 )
-from moecl.mkl import unlock_mkl
 from moecl.theory.experiments import DEFAULT_RUNS, run_setting, settings_for, write_report
 
 THEORY_HELP = """\
@@ -331,7 +330,6 @@ def io_fault(err: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    unlock_mkl()  # before any product: MKL's fast kernels on AMD CPUs too (moecl/mkl.py)
     args = build_parser().parse_args(argv)
     console = Console(stderr=False)
     try:

@@ -7,7 +7,6 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from moecl.methods.base import Method
-from moecl.models.kernels import use_fast_kernels
 
 
 class SeqFTMethod(Method):
@@ -24,5 +23,4 @@ class SeqFTMethod(Method):
     def load(self, base_model: PreTrainedModel, directory: Path) -> PreTrainedModel:
         model = type(base_model).from_pretrained(directory, dtype=base_model.dtype)
         model.generation_config = base_model.generation_config
-        use_fast_kernels(model)  # the same kernels as the model load_model gave (moecl.models.kernels)
         return model.requires_grad_(True)

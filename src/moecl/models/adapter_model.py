@@ -147,7 +147,8 @@ class AdapterModel(nn.Module):
             attention_mask is not None
             and "position_ids" in self._forward_params
             and kwargs.get("position_ids") is None
-            and kwargs.get("past_key_values") is None
+            and kwargs.get("past_key_values") is None  # transformers 4's name for the cache
+            and kwargs.get("cache") is None  # transformers 5's
         ):
             kwargs["position_ids"] = _position_ids(attention_mask)
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -28,7 +28,6 @@ from transformers import (
 )
 
 from moecl.data.artifacts import SMOLLM2, SMOLLM2_GGUF_SHA256, ArtifactError, sha256_file
-from moecl.models.kernels import use_fast_kernels
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = ("smollm2-135m", "tiny-random")
@@ -159,5 +158,4 @@ def load_model(
     tokenizer.truncation_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    use_fast_kernels(model)  # products and attention on the fastest CPU kernels (moecl.models.kernels)
     return model.eval(), tokenizer

@@ -148,6 +148,13 @@ class RunConfig:
         "only) or fp32; adapters and router stay fp32, the forward runs under Accelerate's autocast",
         choices=["auto", "bf16", "fp16", "fp32"],
     )
+    kernels: str = _opt(
+        "auto",
+        "compute kernels: auto (moecl's CPU backend, moecl.backends.cpu, for a float32 model on the CPU, where it "
+        "was measured to help; stock modules anywhere else: GPUs, bf16/fp16) or stock (PyTorch's and "
+        "transformers' own modules everywhere); results.json records what was applied",
+        choices=["auto", "stock"],
+    )
     general: str | None = _opt(
         None,
         "general-ability suite scored through lm-eval before the stream (base model, cached) and after it: "
@@ -192,7 +199,9 @@ class RunConfig:
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value}")
         if (isinstance(self.tau, float) and not 0 <= self.tau <= 1) or (isinstance(self.tau, int) and self.tau < 0):
-            raise ValueError(f"tau is a block count (an int >= 0) or a fraction of the blocks in [0, 1], got {self.tau}")
+            raise ValueError(
+                f"tau is a block count (an int >= 0) or a fraction of the blocks in [0, 1], got {self.tau}"
+            )
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}: the "
@@ -213,6 +222,11 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @staticmethod
+    def defaults() -> dict[str, Any]:
+        """Every option's declared default (before the method-dependent ones are resolved)."""
+        return {f.name: f.default for f in fields(RunConfig)}
 
 
 AT_LEAST = {

@@ -62,6 +62,7 @@ RESUMABLE = (
     "lambda_l2",
     "save_every",
     "gradient_checkpointing",
+    "kernels",
 )
 """Options that may change when a run resumes: they act on training still to come, never on
 what the finished tasks learned (a way forward after a NaN stop: a lower ``lr``). Each task's
@@ -152,14 +153,16 @@ class RunFolder:
 
     # -- starting, resuming, starting over ----------------------------------------------------
 
-    def prepare(self, config: dict[str, Any], force: bool) -> dict[str, Any] | None:
+    def prepare(
+        self, config: dict[str, Any], force: bool, defaults: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
         """Make the folder ready for a run with ``config`` (called under the folder's lock).
 
         A new folder gets the marker and ``config.json``. A run's folder with the same config is
         resumed; one that differs only in :data:`RESUMABLE` options is resumed with the new ones
         (returned as ``{option: [old, new]}`` for the caller to record); any other difference is
         refused unless ``force``, which removes moecl's own entries (never another file) and
-        starts over.
+        starts over. An option newer than the saved config counts as its value in ``defaults``.
         """
         self.check_usable()
         changes = None
@@ -172,6 +175,7 @@ class RunFolder:
             self.remove_own()
         elif self.config.is_file():
             saved = read_json(self.config, f"restore it, or {START_OVER}")
+            saved = {**{k: v for k, v in (defaults or {}).items() if k not in saved}, **saved}
             differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
             fixed = [k for k in differ if k not in RESUMABLE]
             if force and differ:

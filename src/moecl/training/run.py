@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from moecl.backends import Applied, apply_backend, backend_for
 from moecl.data.trace import DataError, Example, Task, load_benchmark, read_split
 from moecl.evaluation.continual import backward_transfer, forward_transfer, overall_performance
 from moecl.evaluation.floors import ZeroShotCache, majority_score, zero_shot_key
@@ -39,9 +40,7 @@ from moecl.evaluation.routing import Allocation, gate_summary
 from moecl.io import atomic_write_json, atomic_write_text
 from moecl.methods import METHODS
 from moecl.methods.base import Method
-from moecl.mkl import unlock_mkl
 from moecl.models.loading import cache_dir, check_model_name, load_model, resolve_dtype
-from moecl.onednn import keep_freed_memory
 from moecl.reports.plots import plot_allocation_phases
 from moecl.training.batches import Collator
 from moecl.training.config import RunConfig
@@ -118,6 +117,8 @@ class Run:
         if self.main and (note := engine_mismatch(self.accelerator)):
             self.console.print(f"[yellow]note: {note}[/]")
         self.method: Method = METHODS[config.method](config)
+        self.applied = Applied("stock")  # what the compute backend changed in this run's model
+        self.process_settings: dict[str, Any] = {}
         self.folder = RunFolder(out)
         self.state: dict[str, Any] = self.folder.read_state() or {
             "completed": 0,
@@ -303,7 +304,12 @@ class Run:
     def execute(self) -> dict[str, Any]:
         cfg, out, acc = self.config, self.out, self.accelerator
         start = time.perf_counter()
+        if backend_for(cfg.kernels, acc.device, self.dtype) == "cpu":
+            from moecl.backends import cpu
+
+            self.process_settings = cpu.prepare_process()  # before the first product (MKL, if opted in)
         base, tokenizer = load_model(cfg.model, seed=cfg.seed, dtype=self.dtype)
+        self.applied = apply_backend(base, cfg.kernels, acc.device, self.dtype)
         if self.state.get("floors") is None:  # before any adapter touches the base model
             self.state["floors"] = self.floors(base, tokenizer)
         if cfg.general and suite_note(cfg.general) and self.main:
@@ -313,6 +319,7 @@ class Run:
             before = base_scores(cfg.model, base, tokenizer, cfg.general, cfg.general_limit, self.dtype)
             self.state["general_before"] = {name: score.to_json() for name, score in before.items()}
         model, resume = self.restore(base)
+        self.applied.merge(apply_backend(model, cfg.kernels, acc.device, self.dtype))  # adapters, a new base
         done = self.state["completed"]
         memory = ReplayMemory(cfg.replay, cfg.seed)  # rebuilt: each task's sample depends on (seed, task) only
         for phase in self.phases()[:done]:
@@ -333,6 +340,7 @@ class Run:
                 seed_everything(cfg.seed, t)
                 own = [e for i in phases[t] for e in self.tasks[i].train]
                 self.method.before_task(model, t, own, collator)
+                self.applied.merge(apply_backend(model, cfg.kernels, acc.device, self.dtype))  # new adapters
                 items = [(i, e) for i in phases[t] for e in self.tasks[i].train] + memory.items
                 if t > 0:  # alignment data joins the replay memory: trained as the current task's data
                     items += [(phases[t][-1], e) for e in self.replay_extra]
@@ -502,6 +510,7 @@ class Run:
             "floors": self.state["floors"],
             **routing_results(self.state.get("allocation")),
             **self.method.report(self, model, tokenizer),
+            "kernels": {"requested": cfg.kernels, **self.applied.to_json(), "process": self.process_settings},
             "seed": cfg.seed,
             "trainable_params": trainable,
             "total_params": total,
@@ -656,8 +665,6 @@ def run(
     check_model_name(config.model)
     tasks = load_tasks(config)  # every file is validated before anything is created or trained
     replay_extra = load_replay_extra(config)
-    keep_freed_memory()  # no page faults on each step's activations (moecl.onednn)
-    unlock_mkl()  # MKL's fast kernels on AMD CPUs, where nothing has multiplied yet (moecl.mkl)
     # Only the main process holds the lock; the other ranks of `accelerate launch` are its helpers.
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process  # as the run's Accelerator sees it
     lock = RunLock(out) if main else contextlib.nullcontext()
@@ -667,7 +674,7 @@ def run(
                 f"{out}: its last writer (pid {lock.previous.get('pid')} on {lock.previous.get('host')}) is gone; "
                 "taking the folder over"
             )
-        changes = folder.prepare(config.to_dict(), force)
+        changes = folder.prepare(config.to_dict(), force, RunConfig.defaults())
         return Run(config, out, tasks, console, progress, replay_extra, changes).execute()
 
 

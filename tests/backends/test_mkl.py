@@ -1,4 +1,4 @@
-"""unlock_mkl (moecl.mkl): MKL's Intel kernels on AMD CPUs, only before the first product.
+"""unlock_mkl (moecl.backends.cpu.mkl): MKL's Intel kernels on AMD CPUs, only before the first product.
 
 Each case runs in a fresh interpreter: MKL fixes its kernels at the first product of a process,
 and this test process has long multiplied.
@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 
-from moecl.mkl import cpu_vendor
+from moecl.backends.cpu.mkl import cpu_vendor, report
 
 SCRIPT = """
 import json, os, sys, torch
 if sys.argv[1] == "late":
     torch.ones(4, 4) @ torch.ones(4, 4)
-from moecl.mkl import unlock_mkl
+from moecl.backends.cpu.mkl import unlock_mkl
 state = unlock_mkl()
 torch.manual_seed(0)
 a, b = torch.randn(300, 200), torch.randn(200, 100)
@@ -73,3 +73,9 @@ def test_the_switch_leaves_mkl_alone():
 def test_mkl_is_left_alone_by_default():
     result = fresh("early")  # no MOECL_MKL_UNLOCK in the environment
     assert result["state"] == "skipped: off by default (MOECL_MKL_UNLOCK=1 turns it on)" and result["mm_err"] < 1e-4
+
+
+def test_a_patch_that_came_too_late_is_undone_and_never_reported_as_skipped_while_it_stays():
+    assert report(7, True) == "unlocked"
+    assert report(0, False).startswith("skipped:") and "undone" in report(0, False)
+    assert report(0, True).startswith("failed:")  # bytes left rewritten are never called "skipped"

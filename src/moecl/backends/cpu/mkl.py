@@ -23,8 +23,12 @@ product on the same inputs could differ in the last bits between calls, and runs
 repeatable.
 
 It rewrites machine code inside another library, so it is opt-in and off by default: it acts only
-with ``MOECL_MKL_UNLOCK=1`` in the environment (``moecl`` calls it when its command line starts;
-library users call it first thing, before any tensor maths); otherwise MKL is left alone.
+with ``MOECL_MKL_UNLOCK=1`` in the environment (``moecl run --kernels auto`` calls it before the
+model loads, through :func:`moecl.backends.cpu.prepare_process`; library users call that first
+thing, before any tensor maths); otherwise MKL is left alone. Its gain was measured on AMD
+machines only (this project's current machines are Intel's, where it does nothing); its risk:
+code rewritten in a loaded library, and results that differ from the generic path's in the last
+bits, the same command repeatable only under ``MKL_CBWR``.
 """
 
 from __future__ import annotations
@@ -99,8 +103,21 @@ def _unlock() -> str:
     read, write, execute = 1, 2, 4  # PROT_* of <sys/mman.h>
     if libc.mprotect(page, span, read | write | execute) != 0:
         return f"skipped: the code page is not writable (errno {ctypes.get_errno()})"
+    original = ctypes.string_at(address, len(_PATCH))
     ctypes.memmove(address, _PATCH, len(_PATCH))
+    chosen = detect()
+    if chosen == 0:  # the generic path's code: MKL had chosen before and keeps its choice; undo
+        ctypes.memmove(address, original, len(_PATCH))
     libc.mprotect(page, span, read | execute)
-    if detect() == 0:  # the generic path's code: MKL had chosen before, and keeps its choice
-        return "skipped: MKL had already chosen its kernels (unlock_mkl must run before any product)"
+    return report(chosen, ctypes.string_at(address, len(_PATCH)) == _PATCH)
+
+
+def report(chosen: int, patched: bool) -> str:
+    """What :func:`unlock_mkl` says after rewriting the check: MKL's kernel choice ``chosen`` (0:
+    the generic path) and whether the rewritten bytes stayed (they are put back when MKL had
+    already chosen, so "skipped" always means the library is as it was)."""
+    if chosen == 0 and not patched:
+        return "skipped: MKL had already chosen its kernels (unlock_mkl must run before any product); undone"
+    if chosen == 0:
+        return "failed: MKL kept its generic kernels but its vendor check stays rewritten"
     return "unlocked"

@@ -2,10 +2,10 @@
 
 PyTorch multiplies float32 matrices on CPU with MKL's ``sgemm``. On the AMD EPYC (Zen 5) machines
 this project runs on, MKL takes a generic path (about 215 GFLOP/s on two cores at the model's
-projection shapes) unless :mod:`moecl.mkl` has given it its Intel kernels (about 495). oneDNN,
+projection shapes) unless :mod:`moecl.backends.cpu.mkl` has given it its Intel kernels (about 495). oneDNN,
 also inside every PyTorch CPU build, reaches about 450 either way (``benchmarks/throughput.py``
 measures both). Nearly all of a training step is such products, so :func:`linear` runs them on
-MKL when :func:`moecl.mkl.unlocked` (faster than oneDNN at nearly every shape of a step here,
+MKL when :func:`moecl.backends.cpu.mkl.unlocked` (faster than oneDNN at nearly every shape of a step here,
 and by 4.5% over a whole step) and otherwise on ``torch.ops.mkldnn._linear_pointwise``: the
 forward ``x W^T + b`` and, in the backward, the input gradient ``g W`` (the same kernel on the
 transposed view of ``W``) and, for a trainable weight (the adapters' ``A`` and ``B``), its
@@ -19,19 +19,18 @@ while it fuses what lies between them; eager mode uses the cheaper ``autograd.Fu
 Results equal ``F.linear``'s up to float rounding (a different summation order); the tests hold
 both paths to that.
 
-:func:`use_onednn` converts a model's ``nn.Linear`` layers in place; the adapters call
-:func:`linear` for their own low-rank products.
+:func:`convert` converts a model's ``nn.Linear`` layers in place; the backend's adapter
+layers (:mod:`moecl.backends.cpu.adapters`) call :func:`linear` for their own products.
 """
 
 from __future__ import annotations
-
-import ctypes
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moecl import mkl
+from moecl.backends import Applied
+from moecl.backends.cpu import mkl
 
 ENABLED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 """Whether :func:`linear` may leave plain ``F.linear`` for oneDNN, or MKL's folded form once MKL is
@@ -102,7 +101,7 @@ onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_l
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` on the faster CPU kernel where that is the same computation:
-    MKL once :mod:`moecl.mkl` unlocked it, else oneDNN (module docstring)."""
+    MKL once :mod:`moecl.backends.cpu.mkl` unlocked it, else oneDNN (module docstring)."""
     if not (ENABLED and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.is_cpu and weight.is_cpu):
         return F.linear(x, weight, bias)
     if mkl.unlocked():
@@ -129,29 +128,15 @@ class OneDNNLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc's allocator to keep freed memory for reuse instead of handing it back to the OS.
-
-    A training step allocates and frees the same few hundred megabytes of activations (and the
-    merged LoRA weights) every step; by default glibc maps blocks over ~128 KiB afresh and
-    returns them, so each step pays ~50-100k page faults (about 5% of its time here). Keeping
-    blocks up to 32 MiB in the heap and never trimming it removes them. Returns whether the
-    setting took (False off glibc, where it is a no-op).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, <malloc.h>
-        return bool(libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) and libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
-
-
-def use_onednn(model: nn.Module) -> int:
+def convert(model: nn.Module) -> Applied:
     """Make every plain ``nn.Linear`` inside ``model`` an :class:`OneDNNLinear`, in place (the same
-    module objects and parameters, so tied weights stay tied); returns how many."""
-    count = 0
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = OneDNNLinear
-            count += 1
-    return count
+    module objects and parameters, so tied weights stay tied); undone by restoring the class."""
+    converted = [m for m in model.modules() if type(m) is nn.Linear]
+    for module in converted:
+        module.__class__ = OneDNNLinear
+
+    def undo() -> None:
+        for module in converted:
+            module.__class__ = nn.Linear
+
+    return Applied("cpu", {"linear": len(converted)}, [undo])

@@ -1,24 +1,25 @@
-"""use_fast_kernels (moecl.models.kernels): the converted layers compute what the originals do."""
+"""The CPU backend's attention and last block (moecl.backends.cpu): the converted modules
+compute what transformers' own do."""
 
 import copy
-import importlib
 import json
 
 import pytest
 import torch
-import transformers.models.llama.modeling_llama as llama
 from conftest import VOCAB, build_tiny, random_tokens
 
-from moecl.models.kernels import (
-    GQA_ATTENTION,
-    ROTARY_ORIGINALS,
-    LastColumnsBlock,
-    fused_rotary,
-    grouped_attention,
-    pruned_last_block,
-    rotary_pos_emb,
-    use_fast_kernels,
-)
+from moecl.backends.cpu import apply as apply_cpu
+from moecl.backends.cpu import attention, last_block
+from moecl.backends.cpu.attention import GQA_ATTENTION
+from moecl.backends.cpu.last_block import LastColumnsBlock, transformers_tested
+
+
+def grouped_attention(model) -> int:
+    return attention.convert(model).changes.get("attention", 0)
+
+
+def pruned_last_block(model) -> int:
+    return last_block.convert(model).changes.get("last_block", 0)
 
 
 @pytest.mark.parametrize("length", [12, 100])  # SDPA with grouped heads; batched products in 2 blocks
@@ -54,77 +55,38 @@ def test_grouped_attention_gives_sdpas_logits_gradients_and_generations(length):
 
 def test_the_attention_name_stays_out_of_a_saved_config(tmp_path):
     model = build_tiny("llama")
-    use_fast_kernels(model)
+    apply_cpu(model)
     model.save_pretrained(tmp_path)
     assert GQA_ATTENTION not in (tmp_path / "config.json").read_text()
     assert "attn_implementation" not in json.loads((tmp_path / "config.json").read_text())
 
 
-def test_use_fast_kernels_converts_a_llama_and_leaves_gpt2_attention_alone():
+def test_the_backend_converts_a_llama_undoes_it_and_leaves_gpt2_attention_alone():
     model = build_tiny("llama")
     reference = copy.deepcopy(model)
-    counts = use_fast_kernels(model)
-    assert counts == {"linear": 4 * 7 + 1, "attention": 1, "rotary": 1, "last_block": 1}
+    applied = apply_cpu(model)
+    assert applied.changes == {"linear": 4 * 7 + 1, "attention": 1, "last_block": 1}
+    assert apply_cpu(model).changes == {"linear": 0}  # a second call finds it done
     ids = random_tokens(2, 9)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    applied.undo()
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    assert model.config._attn_implementation == "sdpa"
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
     gpt2 = build_tiny("gpt2")
-    assert use_fast_kernels(gpt2)["attention"] == 0 and gpt2.config._attn_implementation == "sdpa"
+    assert "attention" not in apply_cpu(gpt2).changes and gpt2.config._attn_implementation == "sdpa"
     assert pruned_last_block(gpt2) == 0
-    assert fused_rotary(gpt2) == 0  # no rotary embedding there
 
 
-@pytest.mark.parametrize("tables", ["constant", "trainable"])
-@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_fused_rotary_equals_transformers_formula_and_its_autograd_gradient(layout, tables):
-    g = torch.Generator().manual_seed(0)
-    if layout == "contiguous":
-        q, k = torch.randn(2, 4, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)
-    else:  # as Llama's attention hands them over: (batch, seq, heads, dim) viewed as (batch, heads, seq, dim)
-        q = torch.randn(2, 7, 4, 16, generator=g).transpose(1, 2)
-        k = torch.randn(2, 7, 2, 16, generator=g).transpose(1, 2)
-    q.requires_grad_(True)
-    k.requires_grad_(True)
-    cos, sin = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
-    wrt = (q, k)
-    if tables == "trainable":  # never so in transformers, but then cos and sin get their gradients too
-        wrt = (q, k, cos.requires_grad_(True), sin.requires_grad_(True))
-
-    def reference(x: torch.Tensor) -> torch.Tensor:  # transformers' formula; autograd takes its gradient
-        return x * cos.unsqueeze(1) + llama.rotate_half(x) * sin.unsqueeze(1)
-
-    fused = rotary_pos_emb(q, k, cos, sin)
-    expected = (reference(q), reference(k))
-    weights = [torch.randn(t.shape, generator=g) for t in expected]
-    for f, e in zip(fused, expected, strict=True):
-        torch.testing.assert_close(f, e, rtol=1e-6, atol=1e-6)
-    got = torch.autograd.grad(sum((f * w).sum() for f, w in zip(fused, weights, strict=True)), wrt)
-    want = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, weights, strict=True)), wrt)
-    assert len(got) == len(wrt)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-
-
-def test_fused_rotary_gives_a_llama_the_logits_and_gradients_of_transformers_own():
+def test_the_last_block_is_used_only_with_the_transformers_versions_it_mirrors(monkeypatch):
+    assert transformers_tested("5.0.0") and transformers_tested("5.25.1")
+    assert not transformers_tested("4.57.0") and not transformers_tested("5.26.0") and not transformers_tested("6.0")
+    monkeypatch.setattr(last_block, "transformers_tested", lambda version=None: False)
     model = build_tiny("llama")
-    assert fused_rotary(model) == 1 and fused_rotary(model) == 1  # a second call finds it in place
-    module = importlib.import_module(type(model).__module__)
-    ids = random_tokens(2, 9)
-    weights = torch.linspace(-1, 1, model.config.vocab_size)
-
-    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        logits = model(input_ids=ids).logits
-        return logits.detach(), torch.autograd.grad((logits * weights).sum(), list(model.parameters()))
-
-    fused = run()
-    module.apply_rotary_pos_emb = ROTARY_ORIGINALS[module.__name__]
-    try:
-        original = run()
-    finally:
-        assert fused_rotary(model) == 1
-    torch.testing.assert_close(fused[0], original[0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(fused[1], original[1], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert pruned_last_block(model) == 0 and type(model.model.layers[-1]) is not LastColumnsBlock
 
 
 @pytest.mark.parametrize(("heads", "length"), [((4, 2), 11), ((6, 2), 100), ((3, 1), 150)])
@@ -134,7 +96,7 @@ def test_batched_attention_equals_sdpa_forward_and_backward_padding_rows_include
     gradient), an output gradient on every row."""
     import torch.nn.functional as F
 
-    from moecl.models.kernels import _BatchedAttention, _query_blocks
+    from moecl.backends.cpu.attention import _BatchedAttention, _query_blocks
 
     torch.manual_seed(0)
     (h, kv), b, s, d = heads, 3, length, 8
@@ -154,7 +116,7 @@ def test_batched_attention_equals_sdpa_forward_and_backward_padding_rows_include
 
 
 def test_batched_attention_only_where_it_computes_what_sdpa_does():
-    from moecl.models.kernels import BATCHED_ATTENTION_LENGTHS, batched_attention_applies
+    from moecl.backends.cpu.attention import BATCHED_ATTENTION_LENGTHS, batched_attention_applies
 
     def applies(s, grad=True, dtype=torch.float32, dropout=0.0, mask=None):
         q = torch.zeros(2, 4, s, 8, dtype=dtype, requires_grad=grad)

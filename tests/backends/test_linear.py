@@ -1,4 +1,4 @@
-"""oneDNN's linear (moecl.onednn) against the plain F.linear it replaces."""
+"""The CPU backend's products (moecl.backends.cpu.linear, .adapters) against the stock modules."""
 
 import copy
 
@@ -9,8 +9,13 @@ from conftest import build_tiny, random_tokens
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moecl import PMoEConfig, PMoEModel, mkl, onednn
-from moecl.onednn import OneDNNLinear, linear, use_onednn
+from moecl import PMoEConfig, PMoEModel
+from moecl.adapters.lora import LoRALinear as StockLoRA
+from moecl.backends.cpu import apply as apply_cpu
+from moecl.backends.cpu import linear as onednn
+from moecl.backends.cpu import mkl
+from moecl.backends.cpu.adapters import MergedLoRALinear
+from moecl.backends.cpu.linear import OneDNNLinear, linear
 
 pytestmark = pytest.mark.skipif(not onednn.ENABLED, reason="this PyTorch has no oneDNN")
 
@@ -86,7 +91,7 @@ def test_use_onednn_converts_in_place_keeping_tied_weights_and_state():
     model = LlamaForCausalLM(config).eval()
     reference = copy.deepcopy(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied
-    count = use_onednn(model)
+    count = onednn.convert(model).changes["linear"]
     assert count == sum(type(m) is nn.Linear for m in reference.modules()) > 0
     assert type(model.lm_head) is OneDNNLinear and model.lm_head.weight is model.model.embed_tokens.weight
     assert model.state_dict().keys() == reference.state_dict().keys()
@@ -102,7 +107,7 @@ def test_pmoe_training_step_gradients_equal_the_plain_path(route):
         onednn.ENABLED = enabled
         try:
             model = PMoEModel(build_tiny("llama"), PMoEConfig(tau=0.5, rank=2, alpha=4, target_modules=["all-linear"]))
-            use_onednn(model)
+            apply_cpu(model)
             model.add_task()
             model.add_task()
             with torch.no_grad():
@@ -122,11 +127,9 @@ def test_pmoe_training_step_gradients_equal_the_plain_path(route):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_merged_lora_equals_base_plus_delta_forward_backward_and_in_evaluation(bias):
-    """LoRALinear's merged form ``x (W + s B A)^T`` against ``base(x) + s B A x`` computed apart."""
-    from moecl.adapters.lora import LoRALinear
-
+    """The backend's merged LoRA layer ``x (W + s B A)^T`` against ``base(x) + s B A x`` computed apart."""
     torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(48, 80, bias=bias).requires_grad_(False), rank=4, alpha=8)
+    layer = MergedLoRALinear(nn.Linear(48, 80, bias=bias).requires_grad_(False), rank=4, alpha=8)
     with torch.no_grad():
         layer.lora_B.normal_(std=0.5)
     assert layer.mergeable()
@@ -134,25 +137,48 @@ def test_merged_lora_equals_base_plus_delta_forward_backward_and_in_evaluation(b
     g = torch.randn(2, 13, 80)
     params = [x, layer.lora_A, layer.lora_B]
     merged = torch.autograd.grad((layer(x) * g).sum(), params)
-    apart = torch.autograd.grad((layer.reference_forward(x) * g).sum(), params)
-    torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+    apart = torch.autograd.grad((StockLoRA.forward(layer, x) * g).sum(), params)
+    torch.testing.assert_close(layer(x), StockLoRA.forward(layer, x), rtol=1e-5, atol=1e-5)
     for m, a in zip(merged, apart, strict=True):
         torch.testing.assert_close(m, a, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # evaluation keeps W + s B A, and builds it again once B changes
-        torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), StockLoRA.forward(layer, x), rtol=1e-5, atol=1e-5)
         layer.lora_B.add_(1.0)
-        torch.testing.assert_close(layer(x), layer.reference_forward(x), rtol=1e-5, atol=1e-5)
-    assert not LoRALinear(nn.Linear(48, 80), rank=4, alpha=8, dropout=0.1).mergeable()
+        torch.testing.assert_close(layer(x), StockLoRA.forward(layer, x), rtol=1e-5, atol=1e-5)
+    assert not MergedLoRALinear(nn.Linear(48, 80), rank=4, alpha=8, dropout=0.1).mergeable()
 
 
 def test_merged_lora_of_a_frozen_adapter_passes_only_the_input_gradient():
-    from moecl.adapters.lora import LoRALinear
-
-    layer = LoRALinear(nn.Linear(16, 24).requires_grad_(False), rank=2, alpha=4).requires_grad_(False)
+    layer = MergedLoRALinear(nn.Linear(16, 24).requires_grad_(False), rank=2, alpha=4).requires_grad_(False)
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(5, 16, requires_grad=True)
     (grad,) = torch.autograd.grad(layer(x).sum(), [x])
-    (expected,) = torch.autograd.grad(layer.reference_forward(x).sum(), [x])
+    (expected,) = torch.autograd.grad(StockLoRA.forward(layer, x).sum(), [x])
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
     assert layer.lora_A.grad is None and layer.lora_B.grad is None
+
+
+def test_a_merged_lora_on_a_trainable_base_still_trains_the_base():
+    """An unfrozen base layer gets its gradients: the merged form (which passes none to W and b)
+    is not taken for it."""
+    torch.manual_seed(0)
+    layer = MergedLoRALinear(nn.Linear(16, 24), rank=2, alpha=4)
+    stock = StockLoRA(copy.deepcopy(layer.base_layer), rank=2, alpha=4)
+    stock.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 16)
+    layer(x).square().sum().backward()
+    stock(x).square().sum().backward()
+    assert layer.base_layer.weight.grad is not None
+    torch.testing.assert_close(layer.base_layer.weight.grad, stock.base_layer.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.base_layer.bias.grad, stock.base_layer.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_the_merged_lora_keeps_no_merged_copy_for_its_backward():
+    layer = MergedLoRALinear(nn.Linear(64, 96).requires_grad_(False), rank=4, alpha=8)
+    x = torch.randn(3, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    weight = layer.base_layer.weight
+    assert not any(t.shape == weight.shape and t.data_ptr() != weight.data_ptr() for t in saved)
