@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py               # 2-6 minutes on 2 cores (SmolLM2 cached)
     python benchmarks/throughput.py --rounds 1    # quicker, noisier
+    python benchmarks/throughput.py --pieces      # also auto without each backend piece
 
 One process, three measurements:
 
@@ -55,14 +56,15 @@ from moecl.training.config import RunConfig
 from moecl.training.run import load_tasks, make_accelerator
 from moecl.training.trainer import train_task
 
-VARIANTS = {"stock": {"length_window": 8, "now": False}, "auto": {"length_window": 8, "now": True}}
+VARIANTS: dict[str, tuple[str, ...] | None] = {"stock": None, "auto": tuple(cpu.PIECES)}
+"""Each variant's backend pieces (``None``: stock modules); ``--pieces`` adds auto without each piece."""
 
 
 @contextlib.contextmanager
-def kernels(model: nn.Module, now: bool) -> Iterator[None]:
-    """``now``: the CPU backend applied to ``model`` (``--kernels auto``), undone afterwards; else
-    the stock modules (``--kernels stock``)."""
-    applied = cpu.apply(model) if now else None
+def kernels(model: nn.Module, pieces: tuple[str, ...] | None) -> Iterator[None]:
+    """The CPU backend's ``pieces`` applied to ``model`` (all: ``--kernels auto``), undone
+    afterwards; ``None``: the stock modules (``--kernels stock``)."""
+    applied = cpu.apply(model, pieces) if pieces is not None else None
     try:
         yield
     finally:
@@ -163,7 +165,12 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="then profile `auto`'s steps on the first task; print the top operators"
     )
+    parser.add_argument(
+        "--pieces", action="store_true", help="also time auto without each backend piece (what each one buys)"
+    )
     args = parser.parse_args()
+    if args.pieces:
+        VARIANTS.update({f"auto - {p}": tuple(q for q in cpu.PIECES if q != p) for p in cpu.PIECES})
     process = cpu.prepare_process()  # before any product, as `moecl run --kernels auto` does
     console = Console(width=max(Console().width, 110))  # the tables are wider than a default 80 columns
     torch.manual_seed(0)
@@ -186,9 +193,9 @@ def main() -> None:
     evals: dict[str, list[tuple[int, float]]] = {v: [] for v in VARIANTS}
     for round_ in range(args.rounds):
         rates.append(matmul_rates(base, rows, repeats=5))
-        for variant, settings in VARIANTS.items():
-            cfg = replace(config, length_window=settings["length_window"], epochs=1, save_every=0)
-            with kernels(base, settings["now"]):
+        for variant, pieces in VARIANTS.items():
+            cfg = replace(config, epochs=1, save_every=0)
+            with kernels(base, pieces):
                 tokens = padded = 0
                 seconds = 0.0
                 for t, items in enumerate(samples):
@@ -197,8 +204,8 @@ def main() -> None:
                     padded += round(stats["tokens"] / (1 - stats["padding"]))
                     seconds += stats["seconds"]
                 train[variant].append((tokens, padded, seconds))
-        for variant, settings in VARIANTS.items():  # both on the same weights: the same texts
-            with kernels(base, settings["now"]):
+        for variant, pieces in VARIANTS.items():  # all on the same weights: the same texts
+            with kernels(base, pieces):
                 start = time.perf_counter()
                 texts = generate(model, tokenizer, prompts, 12, config.max_prompt_tokens, config.eval_batch_size)
                 new_tokens = sum(len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in texts)
@@ -249,8 +256,8 @@ def main() -> None:
         table.add_row(variant, f"{p_s[variant]:.2f}", f"{n_s:.1f}", f"{p_s[variant] / p_s['stock']:.2f}x")
     console.print(table)
     if args.profile:
-        cfg = replace(config, length_window=VARIANTS["auto"]["length_window"], epochs=1, save_every=0)
-        with kernels(base, True), torch.profiler.profile() as prof:
+        cfg = replace(config, epochs=1, save_every=0)
+        with kernels(base, VARIANTS["auto"]), torch.profiler.profile() as prof:
             train_task(accelerator, method, model, collator, samples[0], cfg, 0, lambda record: None)
         console.print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=48))
     console.print(f"train_mfu (stock) = {statistics.median(mfu['stock']):.2f}")

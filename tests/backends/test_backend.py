@@ -149,3 +149,22 @@ def test_the_smoke_preset_gives_the_same_results_in_fresh_processes(tmp_path):
         assert json.dumps(other["R"]) == json.dumps(numbers[0]["R"])
         assert [t["last_loss"] for t in other["train"]] == [t["last_loss"] for t in numbers[0]["train"]]
         assert other == numbers[0]
+
+
+def test_a_run_with_stock_kernels_records_that_nothing_was_converted(tmp_path, monkeypatch):
+    from moecl.backends.cpu.adapters import SWAPS
+    from moecl.training import run as run_module
+    from tests.conftest import tiny_run
+
+    seen = []
+    real = run_module.Run.evaluate_row
+
+    def spy(self, model, *args, **kwargs):
+        seen.append({type(m) for m in model.modules()})
+        return real(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(run_module.Run, "evaluate_row", spy)
+    results, _ = tiny_run(tmp_path, monkeypatch, "stock", kernels="stock")
+    assert results["kernels"] == {"requested": "stock", "backend": "stock", "changes": {}, "process": {}}
+    backend_types = {OneDNNLinear, *(fused for _, fused in SWAPS)}
+    assert seen and all(not (types & backend_types) for types in seen)

@@ -20,6 +20,8 @@ memory (:mod:`.memory`), and, with ``MOECL_MKL_UNLOCK=1`` only, MKL's vendor che
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import nn
 
 from moecl.backends import Applied
@@ -36,12 +38,17 @@ PIECES = {
 """Each piece's conversion of a model, by name, in the order :func:`apply` makes them."""
 
 
-def apply(model: nn.Module) -> Applied:
-    """Convert ``model`` in place; returns what changed, and undoes it. A second call converts only
-    modules added since (a new task's adapters)."""
+def apply(model: nn.Module, pieces: Iterable[str] | None = None) -> Applied:
+    """Convert ``model`` in place (``pieces``: some of :data:`PIECES`, default all); returns what
+    changed, and undoes it. A second call converts only modules added since (a new task's
+    adapters)."""
+    chosen = set(PIECES) if pieces is None else set(pieces)
+    if chosen - set(PIECES):
+        raise ValueError(f"unknown backend pieces {sorted(chosen - set(PIECES))}; pieces: {', '.join(PIECES)}")
     applied = Applied("cpu")
-    for convert in PIECES.values():
-        applied.merge(convert(model))
+    for name, convert in PIECES.items():
+        if name in chosen:
+            applied.merge(convert(model))
     return applied
 
 
