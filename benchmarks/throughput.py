@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py               # 2-6 minutes on 2 cores (SmolLM2 cached)
     python benchmarks/throughput.py --rounds 1    # quicker, noisier
-    python benchmarks/throughput.py --pieces      # also auto without each backend piece
+    python benchmarks/throughput.py --pieces      # also every piece, and every piece but one
 
 One process, three measurements:
 
@@ -56,8 +56,9 @@ from moecl.training.config import RunConfig
 from moecl.training.run import load_tasks, make_accelerator
 from moecl.training.trainer import train_task
 
-VARIANTS: dict[str, tuple[str, ...] | None] = {"stock": None, "auto": tuple(cpu.PIECES)}
-"""Each variant's backend pieces (``None``: stock modules); ``--pieces`` adds auto without each piece."""
+VARIANTS: dict[str, tuple[str, ...] | None] = {"stock": None, "auto": cpu.default_pieces()}
+"""Each variant's backend pieces (``None``: stock modules; auto: this CPU's default pieces);
+``--pieces`` adds every piece, and every piece but one."""
 
 
 @contextlib.contextmanager
@@ -166,11 +167,12 @@ def main() -> None:
         "--profile", action="store_true", help="then profile `auto`'s steps on the first task; print the top operators"
     )
     parser.add_argument(
-        "--pieces", action="store_true", help="also time auto without each backend piece (what each one buys)"
+        "--pieces", action="store_true", help="also time every backend piece, and every piece but one (what each buys)"
     )
     args = parser.parse_args()
     if args.pieces:
-        VARIANTS.update({f"auto - {p}": tuple(q for q in cpu.PIECES if q != p) for p in cpu.PIECES})
+        VARIANTS["all"] = tuple(cpu.PIECES)
+        VARIANTS.update({f"all - {p}": tuple(q for q in cpu.PIECES if q != p) for p in cpu.PIECES})
     process = cpu.prepare_process()  # before any product, as `moecl run --kernels auto` does
     console = Console(width=max(Console().width, 110))  # the tables are wider than a default 80 columns
     torch.manual_seed(0)

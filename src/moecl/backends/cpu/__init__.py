@@ -5,13 +5,21 @@ stock module: logits, gradients, generations).
 Pieces, applied to one model by :func:`apply`:
 
 - ``linear`` (:mod:`.linear`): every ``nn.Linear`` on oneDNN's product (or MKL's, where
-  :mod:`.mkl` was opted into);
-- ``attention`` (:mod:`.attention`): grouped-query attention without repeating keys and values,
-  and causal attention of a training step as batched products with the gradient written out;
+  :mod:`.mkl` was opted into). Applied by default on AMD CPUs only, where PyTorch's MKL takes its
+  generic path (oneDNN 2.2x it, measured on Zen 4/5 machines); on Intel CPUs MKL is the faster
+  kernel (325 against 309 GFLOP/s at the model's shapes) and training was 2% faster without it;
 - ``last_block`` (:mod:`.last_block`): Llama's last block computes only the positions whose
   logits are kept (version-guarded: it mirrors transformers' code);
 - ``adapters`` (:mod:`.adapters`): the shallow LoRA as one product with the merged weight, and
   the expert banks' mixture accumulated into the base product.
+
+What each piece bought on the main job's training steps and generation (``benchmarks/throughput.py
+--pieces``, 2 interleaved rounds, Intel Xeon, 2 cores, 2026-12-05; ratios to stock): all pieces
+1.06x training, 1.14x generation; without ``last_block`` 1.02x / 1.10x, without ``adapters``
+1.04x / 1.03x, without ``linear`` 1.08x / 1.14x. Grouped-query attention without repeated keys
+and values, with causal attention as batched products, bought 2% of each and was dropped (under
+the 3% a piece must earn), as was a fused rotary embedding (1%, and it patched transformers'
+module for every model in the process).
 
 Process-wide settings, made only by :func:`prepare_process` (``moecl run --kernels auto`` on CPU
 calls it before the model loads; importing moecl and loading a model never do): glibc keeps freed
@@ -25,24 +33,28 @@ from collections.abc import Iterable
 from torch import nn
 
 from moecl.backends import Applied
-from moecl.backends.cpu import adapters, attention, last_block, linear
+from moecl.backends.cpu import adapters, last_block, linear
 from moecl.backends.cpu.memory import keep_freed_memory
-from moecl.backends.cpu.mkl import unlock_mkl
+from moecl.backends.cpu.mkl import cpu_vendor, unlock_mkl
 
 PIECES = {
     "linear": linear.convert,
-    "attention": attention.convert,
     "last_block": last_block.convert,
     "adapters": adapters.convert,  # after linear: a converted base layer is still an nn.Linear
 }
 """Each piece's conversion of a model, by name, in the order :func:`apply` makes them."""
 
 
+def default_pieces() -> tuple[str, ...]:
+    """The pieces measured to help on this CPU: ``linear`` on AMD CPUs only (module docstring)."""
+    return tuple(p for p in PIECES if p != "linear" or cpu_vendor() == "AuthenticAMD")
+
+
 def apply(model: nn.Module, pieces: Iterable[str] | None = None) -> Applied:
-    """Convert ``model`` in place (``pieces``: some of :data:`PIECES`, default all); returns what
-    changed, and undoes it. A second call converts only modules added since (a new task's
-    adapters)."""
-    chosen = set(PIECES) if pieces is None else set(pieces)
+    """Convert ``model`` in place (``pieces``: some of :data:`PIECES`, default
+    :func:`default_pieces`); returns what changed, and undoes it. A second call converts only
+    modules added since (a new task's adapters)."""
+    chosen = set(default_pieces()) if pieces is None else set(pieces)
     if chosen - set(PIECES):
         raise ValueError(f"unknown backend pieces {sorted(chosen - set(PIECES))}; pieces: {', '.join(PIECES)}")
     applied = Applied("cpu")

@@ -26,7 +26,6 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from moecl.adapters.router import computing_last_positions
 from moecl.backends import Applied
-from moecl.backends.cpu.attention import GQA_ATTENTION
 
 TESTED_TRANSFORMERS = ((5, 0), (5, 25))
 """The transformers versions (major, minor; both ends included) whose Llama block
@@ -41,7 +40,7 @@ def transformers_tested(version: str | None = None) -> bool:
     return low <= major_minor <= high
 
 
-LAST_BLOCK_ATTENTION = ("sdpa", GQA_ATTENTION)
+LAST_BLOCK_ATTENTION = ("sdpa",)
 """Attention implementations :class:`LastColumnsBlock` prunes under: they take a boolean mask
 of ``n`` query rows against every key (it builds one where transformers passes ``None`` and
 relies on ``is_causal``, which would align the ``n`` queries with the first keys)."""
