@@ -73,7 +73,7 @@ def test_gpus_half_precision_and_stock_never_enter_the_backend(kernels, device, 
 def test_a_compiled_model_keeps_its_stock_modules():
     model = build_tiny("llama")
     model.compile()
-    assert apply_backend(model, "auto", CPU, torch.float32).changes == {}
+    assert apply_backend(model, "cpu", CPU, torch.float32).changes == {}
 
 
 def test_the_backend_converts_a_pmoe_model_and_undoes_it_exactly():
@@ -82,7 +82,7 @@ def test_the_backend_converts_a_pmoe_model_and_undoes_it_exactly():
     model.add_task()
     stock_types = [type(m) for m in model.modules()]
     stock = _logits_and_grads(model)
-    applied = apply_backend(model, "auto", CPU, torch.float32)
+    applied = apply_backend(model, "cpu", CPU, torch.float32)
     assert any(isinstance(m, MergedLoRALinear) for m in model.modules())
     assert any(isinstance(m, FusedExpertBank) for m in model.modules())
     fast = _logits_and_grads(model)
@@ -129,20 +129,23 @@ print(json.dumps({
     }
 
 
-def test_the_smoke_preset_gives_the_same_results_in_fresh_processes(tmp_path):
-    """The default path is bit-identical from one process to the next (the MKL patch was not)."""
+@pytest.mark.parametrize("kernels", ["auto", "cpu"])
+def test_the_smoke_preset_gives_the_same_results_in_fresh_processes(tmp_path, kernels):
+    """The default path, and the CPU backend, are bit-identical from one process to the next (the
+    MKL patch was not)."""
     env = {**os.environ, "MOECL_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     env.pop("MOECL_MKL_UNLOCK", None)
     numbers = []
     for i in range(3):
         out = tmp_path / f"run-{i}"
-        args = ["run", "--preset", "smoke", "epochs=4", "train_size=24", "test_size=12", "--out", str(out)]
+        args = ["run", "--preset", "smoke", "epochs=4", "train_size=24", "test_size=12", f"kernels={kernels}"]
+        args += ["--out", str(out)]
         done = subprocess.run(
             [sys.executable, "-m", "moecl.cli.main", *args], env=env, capture_output=True, text=True, timeout=300
         )
         assert done.returncode == 0, done.stderr
         results = json.loads((out / "results.json").read_text())
-        assert results["kernels"]["backend"] == "cpu" and results["kernels"]["requested"] == "auto"
+        assert results["kernels"]["backend"] == backend_for(kernels, CPU, torch.float32)
         train = [{k: v for k, v in t.items() if k != "seconds"} for t in results["train"]]
         numbers.append({**{k: results[k] for k in ("R", "OP", "BWT", "router_allocation")}, "train": train})
     for other in numbers[1:]:
@@ -168,3 +171,15 @@ def test_a_run_with_stock_kernels_records_that_nothing_was_converted(tmp_path, m
     assert results["kernels"] == {"requested": "stock", "backend": "stock", "changes": {}, "process": {}}
     backend_types = {OneDNNLinear, *(fused for _, fused in SWAPS)}
     assert seen and all(not (types & backend_types) for types in seen)
+
+
+def test_auto_takes_the_cpu_backend_only_on_amd_cpus(monkeypatch):
+    from moecl.backends.cpu import mkl
+
+    monkeypatch.setattr(mkl, "cpu_vendor", lambda: "AuthenticAMD")
+    assert backend_for("auto", CPU, torch.float32) == "cpu"
+    assert backend_for("auto", CPU, torch.bfloat16) == "stock"
+    monkeypatch.setattr(mkl, "cpu_vendor", lambda: "GenuineIntel")
+    assert backend_for("auto", CPU, torch.float32) == "stock"
+    assert backend_for("cpu", CPU, torch.float32) == "cpu"
+    assert backend_for("cpu", CUDA, torch.float32) == "stock"

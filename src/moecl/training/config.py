@@ -150,10 +150,11 @@ class RunConfig:
     )
     kernels: str = _opt(
         "auto",
-        "compute kernels: auto (moecl's CPU backend, moecl.backends.cpu, for a float32 model on the CPU, where it "
-        "was measured to help; stock modules anywhere else: GPUs, bf16/fp16) or stock (PyTorch's and "
-        "transformers' own modules everywhere); results.json records what was applied",
-        choices=["auto", "stock"],
+        "compute kernels: auto (moecl's CPU backend, moecl.backends.cpu, for a float32 model on an AMD CPU, where "
+        "it was measured to help; PyTorch's and transformers' own modules anywhere else: Intel CPUs, GPUs, "
+        "bf16/fp16), stock (the own modules everywhere) or cpu (the CPU backend for any float32 model on a CPU); "
+        "results.json records what was applied",
+        choices=["auto", "stock", "cpu"],
     )
     general: str | None = _opt(
         None,
