@@ -8,8 +8,10 @@ norms for those ``n`` positions only: on SmolLM2-135M the products of 3.3M of th
 weights run on the answer's few positions instead of all.
 
 It mirrors transformers' ``LlamaDecoderLayer.forward`` and ``LlamaAttention.forward``, so it is
-used only with the transformers versions it is tested against (:data:`TESTED_TRANSFORMERS`);
-outside them the block stays transformers' own.
+used only up to the newest transformers it is tested against (:data:`TESTED_TRANSFORMERS`) and
+only where the block takes the cache as ``cache`` (5.25 does; 5.0 still calls it
+``past_key_values`` and keeps its own block, checked in a venv at 5.0.0); elsewhere the block
+stays transformers' own.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from moecl.adapters.router import computing_last_positions
 from moecl.backends import Applied
 
 TESTED_TRANSFORMERS = ((5, 0), (5, 25))
-"""The transformers versions (major, minor; both ends included) whose Llama block
-:class:`LastColumnsBlock` mirrors and is tested against."""
+"""The transformers versions (major, minor; both ends included) the piece may run with; within
+them :func:`convert` also requires the block's ``cache`` argument (the code it mirrors)."""
 
 
 def transformers_tested(version: str | None = None) -> bool:
