@@ -279,6 +279,10 @@ def test_router_probs_runs_only_the_shallow_blocks_and_equals_a_full_pass(family
     torch.testing.assert_close(pmoe.gate.probs, probs, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(
+    "cache" not in __import__("inspect").signature(__import__("transformers").LlamaForCausalLM.forward).parameters,
+    reason="this transformers' Llama block keeps its own forward (the backend mirrors a later 5.x block)",
+)
 @pytest.mark.parametrize("tau", [2, 4])  # the router after block 2, or after the last block itself
 def test_pruned_last_block_gives_pmoe_the_same_answer_loss_and_gradients(tau):
     """With the last block computing only the answer's positions, its expert banks read those
@@ -311,9 +315,14 @@ def test_pruned_last_block_gives_pmoe_the_same_answer_loss_and_gradients(tau):
 
 
 def test_manual_decoding_with_the_cache_argument_keeps_each_tokens_position():
-    """transformers 5 names the cache ``cache``: a step decoded with it sees the positions the
-    cache implies, so its logits are those of the whole sequence's last position."""
-    from transformers import DynamicCache
+    """Later transformers 5 releases name the cache ``cache`` (earlier ones ``past_key_values``): a
+    step decoded with it sees the positions the cache implies, so its logits are those of the
+    whole sequence's last position."""
+    import inspect
+
+    from transformers import DynamicCache, LlamaForCausalLM
+
+    name = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
     pmoe = PMoEModel(build_tiny("llama"), PMoEConfig(tau=2, rank=2, alpha=4))
     pmoe.add_task()
@@ -323,6 +332,6 @@ def test_manual_decoding_with_the_cache_argument_keeps_each_tokens_position():
     with torch.no_grad():
         whole = pmoe(input_ids=ids, attention_mask=mask).logits[:, -1]
         cache = DynamicCache(config=pmoe.base_model.config)
-        pmoe(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], cache=cache, use_cache=True)
-        step = pmoe(input_ids=ids[:, -1:], attention_mask=mask, cache=cache, use_cache=True).logits[:, -1]
+        pmoe(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True, **{name: cache})
+        step = pmoe(input_ids=ids[:, -1:], attention_mask=mask, use_cache=True, **{name: cache}).logits[:, -1]
     torch.testing.assert_close(step, whole, rtol=1e-4, atol=1e-5)
