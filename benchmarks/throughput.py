@@ -16,8 +16,8 @@ One process, three measurements:
     first micro-batches of an epoch of each default task, counting real (unpadded) tokens;
 (c) greedy generation on the default stream's test prompts: prompts/s and new tokens/s.
 
-Like ``moecl run --kernels auto`` on CPU, it first makes the CPU backend's process-wide settings
-(``moecl.backends.cpu.prepare_process``: glibc keeps freed memory; MKL's vendor check only with
+Like a ``moecl run`` that applies the CPU backend, it first makes the backend's one process-wide
+setting (``moecl.backends.cpu.prepare_process``: MKL's vendor check, only with
 ``MOECL_MKL_UNLOCK=1``). (b) and (c) run two variants interleaved round by round, on the same
 length-grouped micro-batches: ``stock`` (``--kernels stock``: PyTorch's and transformers' own
 modules) and ``auto`` (``--kernels auto``: ``moecl.backends.cpu`` applied to the model: products

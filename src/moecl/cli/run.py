@@ -21,16 +21,23 @@ from moecl.io import read_json
 from moecl.training.config import PRESETS, RunConfig, config_from_options, converter
 from moecl.training.folder import RESUMABLE
 
-RUN_DESCRIPTION = """\
+_RUN_INTRO = """\
 Train a method over a stream of tasks, evaluating after every task, and write the run folder
 (config.json, results.json with the R matrix, OP, BWT, FWT, the floors (majority class and
 base-model zero-shot) and router allocation, predictions/, checkpoints/, log.jsonl). Re-running
 the same command resumes after the last completed task. With no options: PMoE on
 SmolLM2-135M-Instruct over mini-trace's default stream (sst2, med-subject, arithmetic), scored
-on the test split; every default was chosen on the validation split (--eval-split eval).
+on the test split; every default was chosen on the validation split (--eval-split eval)."""
 
-__RESUMING__
+_RESUMING = textwrap.fill(
+    "Resuming: the same command resumes an interrupted run (after a crash, Ctrl-C or a NaN stop). These "
+    "options may change on resume, acting on the training still to come; each task's values are recorded "
+    f"in results.json (train[t].options): {', '.join(RESUMABLE)}. Any other change is refused; --force "
+    "starts the run over. After a NaN stop, lower --lr and run again.",
+    width=95,
+)
 
+_RUN_EXAMPLES = """\
 examples:
   moecl run                                   # the default job
   moecl run --preset smoke --out runs/smoke   # ~20 s, tiny random model, generated stream
@@ -43,16 +50,8 @@ examples:
   accelerate launch --multi_gpu --num_processes 2 -m moecl.cli.main run --preset smoke micro_batch_size=4
       # data-parallel; on a CPU-only machine this starts 2 gloo processes
 """
-RUN_DESCRIPTION = RUN_DESCRIPTION.replace(
-    "__RESUMING__",
-    textwrap.fill(
-        "Resuming: the same command resumes an interrupted run (after a crash, Ctrl-C or a NaN stop). These "
-        "options may change on resume, acting on the training still to come; each task's values are recorded "
-        f"in results.json (train[t].options): {', '.join(RESUMABLE)}. Any other change is refused; --force "
-        "starts the run over. After a NaN stop, lower --lr and run again.",
-        width=95,
-    ),
-)
+
+RUN_DESCRIPTION = f"{_RUN_INTRO}\n\n{_RESUMING}\n\n{_RUN_EXAMPLES}"
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -115,18 +115,6 @@ class RunFolder:
 
     # -- is it a run? -------------------------------------------------------------------------
 
-    def _foreign_entries(self) -> list[str]:
-        """Entries of the folder that are neither moecl's nor a leftover of its lock or writes."""
-        if not self.path.exists():
-            return []
-        if not self.path.is_dir():
-            raise RunFolderError(f"--out {self.path} is a file, not a folder; choose a folder for the run")
-        return sorted(
-            e.name
-            for e in self.path.iterdir()
-            if e.name not in OWN_ENTRIES and e.name != LOCK_NAME and not _TEMPORARY.match(e.name)
-        )
-
     def is_run(self) -> bool:
         """Whether the folder holds moecl's marker, or is a run made before the marker existed."""
         if self.marker.is_file():
@@ -143,6 +131,8 @@ class RunFolder:
         """Refuse, before anything is written, a folder that is neither empty nor a moecl run."""
         if not self.path.exists() or self.is_run():
             return
+        if not self.path.is_dir():
+            raise RunFolderError(f"--out {self.path} is a file, not a folder; choose a folder for the run")
         entries = [e.name for e in self.path.iterdir() if e.name != LOCK_NAME and not _TEMPORARY.match(e.name)]
         if entries:
             shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")

@@ -176,9 +176,9 @@ class Run:
         os.replace(tmp, folder)
         previous = self.state.get("partial")
         self.state["partial"] = {"task": t, "step": snapshot["step"], "dir": folder.name}
-        atomic_write_json(self.out / "state.json", self.state)
+        atomic_write_json(self.folder.state, self.state)
         if previous is not None and previous["dir"] != folder.name:
-            shutil.rmtree(self.out / "checkpoints" / previous["dir"], ignore_errors=True)
+            shutil.rmtree(self.folder.checkpoint(previous["dir"]), ignore_errors=True)
 
     def _trim_log(self) -> None:
         """Drop log lines of a task that was interrupted (it is trained again from its start)."""
@@ -296,7 +296,7 @@ class Run:
                     allocation.add_task([(table[:, :-1], table[:, -1])])
                 if self.main:
                     body = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
-                    atomic_write_text(self.out / "predictions" / label / f"{self.tasks[i].name}.jsonl", body)
+                    atomic_write_text(self.folder.predictions / label / f"{self.tasks[i].name}.jsonl", body)
         return row
 
     # -- the run --------------------------------------------------------------------------------
@@ -400,7 +400,7 @@ class Run:
         general = self.general_after(model, base, tokenizer) if cfg.general else {}
         results = {**self.results(model, tokenizer, time.perf_counter() - start), **general}
         if self.main:
-            atomic_write_json(out / "results.json", results)
+            atomic_write_json(self.folder.results, results)
         acc.wait_for_everyone()
         return results
 
@@ -476,7 +476,7 @@ class Run:
         }
         if self.main:
             atomic_write_json(
-                self.out / "general.json",
+                self.folder.general,
                 {"before": self.state["general_before"], "after": {n: s.to_json() for n, s in after.items()}},
             )
             self.console.print(general_table(out, f"general ability ({cfg.general} suite)"))
@@ -551,14 +551,6 @@ def engine_mismatch(accelerator: Accelerator) -> str | None:
                 "accelerators). Results are those of data parallelism; no memory is sharded"
             )
     return None
-
-
-def _kept(record: dict[str, Any], completed: int, partial: dict[str, Any] | None) -> bool:
-    """Whether a log line survives a resume: it belongs to a completed task, or to the interrupted
-    one at or before its mid-task checkpoint."""
-    if record["task"] < completed:
-        return True
-    return partial is not None and record["task"] == partial["task"] and record["step"] <= partial["step"]
 
 
 def load_mid_task(folder: Path) -> dict[str, Any]:

@@ -21,9 +21,10 @@ and values, with causal attention as batched products, bought 2% of each and was
 the 3% a piece must earn), as was a fused rotary embedding (1%, and it patched transformers'
 module for every model in the process).
 
-Process-wide settings, made only by :func:`prepare_process` (``moecl run --kernels auto`` on CPU
-calls it before the model loads; importing moecl and loading a model never do): glibc keeps freed
-memory (:mod:`.memory`), and, with ``MOECL_MKL_UNLOCK=1`` only, MKL's vendor check (:mod:`.mkl`).
+One process-wide setting, made only by :func:`prepare_process` and only with
+``MOECL_MKL_UNLOCK=1`` (a ``moecl run`` that applies the backend calls it before the model loads;
+importing moecl and loading a model never do): MKL's vendor check (:mod:`.mkl`). glibc's
+allocator is left as it is.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from torch import nn
 
 from moecl.backends import Applied
 from moecl.backends.cpu import adapters, last_block, linear
-from moecl.backends.cpu.memory import keep_freed_memory
 from moecl.backends.cpu.mkl import cpu_vendor, unlock_mkl
 
 PIECES = {
@@ -64,6 +64,6 @@ def apply(model: nn.Module, pieces: Iterable[str] | None = None) -> Applied:
     return applied
 
 
-def prepare_process() -> dict[str, str | bool]:
-    """The backend's process-wide settings (module docstring); what each did, for results.json."""
-    return {"keep_freed_memory": keep_freed_memory(), "mkl": unlock_mkl()}
+def prepare_process() -> dict[str, str]:
+    """The backend's process-wide setting (module docstring); what it did, for results.json."""
+    return {"mkl": unlock_mkl()}
