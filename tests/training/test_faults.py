@@ -14,7 +14,7 @@ import yaml
 from moecl.cli.main import main
 from moecl.methods.pmoe import PMoEMethod
 from moecl.training import run as run_module
-from moecl.training.folder import MARKER
+from moecl.training.folder import MARKER, RunFolder, RunFolderError
 from tests.conftest import TINY_RUN, tiny_run
 
 
@@ -89,6 +89,26 @@ def test_a_run_folder_made_before_the_marker_is_still_resumed(tmp_path, monkeypa
     (out / MARKER).unlink()
     again, _ = tiny_run(tmp_path, monkeypatch, "old")  # recognised by its config and state
     assert again["R"] == results["R"] and (out / MARKER).is_file()
+
+
+def test_a_marker_written_while_the_folder_is_listed_is_not_taken_for_a_foreign_folder(tmp_path, monkeypatch):
+    """Another process (a helper rank, a resumed run) can write the marker between the check for
+    it and the listing; the listing then shows only the marker, which is moecl's own."""
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    listing = Path.iterdir
+
+    def marker_appears(path: Path):
+        if path == folder.path and not folder.marker.exists():
+            folder.marker.write_text("{}")
+        return listing(path)
+
+    monkeypatch.setattr(Path, "iterdir", marker_appears)
+    folder.check_usable()  # no RunFolderError
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model.safetensors").write_text("")
+    with pytest.raises(RunFolderError, match="is not a moecl run folder"):
+        RunFolder(tmp_path / "other").check_usable()
 
 
 # -- 2. path traversal -----------------------------------------------------------------------

@@ -134,7 +134,7 @@ class RunFolder:
         if not self.path.is_dir():
             raise RunFolderError(f"--out {self.path} is a file, not a folder; choose a folder for the run")
         entries = [e.name for e in self.path.iterdir() if e.name != LOCK_NAME and not _TEMPORARY.match(e.name)]
-        if entries:
+        if entries and not self.is_run():  # asked again: the marker may have appeared while listing
             shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
             raise RunFolderError(
                 f"--out {self.path} is not empty ({shown}) and is not a moecl run folder (no {MARKER}); moecl "

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -653,21 +654,25 @@ def run(
     stream. Nothing is written before every check has passed. ``progress``: a live display to
     add this run's bars to (a study's)."""
     folder = RunFolder(out)
-    folder.check_usable()  # never a lock file in a folder that is not a run
+    # Only the main process checks, locks and writes the folder; the other ranks of `accelerate
+    # launch` are its helpers and learn what it decided.
+    state = PartialState(cpu=not torch.cuda.is_available())  # as the run's Accelerator sees it
+    if state.is_main_process:
+        folder.check_usable()  # never a lock file in a folder that is not a run
     check_model_name(config.model)
     tasks = load_tasks(config)  # every file is validated before anything is created or trained
     replay_extra = load_replay_extra(config)
-    # Only the main process holds the lock; the other ranks of `accelerate launch` are its helpers.
-    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process  # as the run's Accelerator sees it
-    lock = RunLock(out) if main else contextlib.nullcontext()
+    lock = RunLock(out) if state.is_main_process else contextlib.nullcontext()
     with lock:
         if isinstance(lock, RunLock) and lock.previous and lock.previous.get("pid") != os.getpid():
             (console or Console()).print(
                 f"{out}: its last writer (pid {lock.previous.get('pid')} on {lock.previous.get('host')}) is gone; "
                 "taking the folder over"
             )
-        changes = folder.prepare(config.to_dict(), force, RunConfig.defaults())
-        return Run(config, out, tasks, console, progress, replay_extra, changes).execute()
+        decided = [folder.prepare(config.to_dict(), force, RunConfig.defaults()) if state.is_main_process else None]
+        if state.num_processes > 1:
+            broadcast_object_list(decided)  # the option changes on resume, once the folder is ready
+        return Run(config, out, tasks, console, progress, replay_extra, decided[0]).execute()
 
 
 @contextlib.contextmanager
