@@ -36,7 +36,7 @@ def test_seeds_then_compare_write_mean_ci_and_floors_in_table_one_layout(tmp_pat
     assert main(["compare", str(pmoe), str(lora), "--labels", "PMoE,LoRA", "--out", str(out)]) == 0
     lines = (out / "compare.md").read_text().splitlines()
     assert lines[0] == "| task | majority | zero-shot | PMoE | LoRA |"
-    assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:10]] == [
+    assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:12]] == [
         "sentiment",
         "parity",
         "OP",
@@ -44,6 +44,8 @@ def test_seeds_then_compare_write_mean_ci_and_floors_in_table_one_layout(tmp_pat
         "trainable %",
         "diagonal mass",
         "own expert after own task",
+        "own expert at end: sentiment",
+        "own expert at end: parity",
         "seeds",
     ]
     op_row = next(line for line in lines if line.startswith("| OP |"))
@@ -55,9 +57,13 @@ def test_seeds_then_compare_write_mean_ci_and_floors_in_table_one_layout(tmp_pat
     assert float(rows["OP"][6]) == pytest.approx(lora_results["OP"], abs=1e-4)
     assert (out / "r_matrices.png").stat().st_size > 1000
     diagonal = [r["diagonal_mass_phases"][-1] for r in per_seed]
-    own = [r["router_allocation_phases"][1][1][1] for r in per_seed]  # two tasks: expert 2 on task 2
+    # The first task counts too (its gate is 1 while its expert is the only one).
+    own = [(r["router_allocation_phases"][0][0][0] + r["router_allocation_phases"][1][1][1]) / 2 for r in per_seed]
+    first_at_end = [r["router_allocation_phases"][-1][0][0] for r in per_seed]
+    assert all(r["own_expert_gate"]["at_end"][0] == v for r, v in zip(per_seed, first_at_end, strict=True))
     assert float(rows["diagonal mass"][3]) == pytest.approx(statistics.mean(diagonal), abs=1e-4)
     assert float(rows["own expert after own task"][3]) == pytest.approx(statistics.mean(own), abs=1e-4)
+    assert float(rows["own expert at end: sentiment"][3]) == pytest.approx(statistics.mean(first_at_end), abs=1e-4)
     assert rows["diagonal mass"][6] == "" and rows["diagonal mass"][8] == "0"  # LoRA: no router
 
 

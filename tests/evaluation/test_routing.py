@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moecl.evaluation.routing import Allocation, diagonal_mass, gate_summary
+from moecl.evaluation.routing import Allocation, diagonal_mass, gate_summary, own_expert_gates
 
 
 def test_gate_summary_averages_real_tokens_and_their_entropy():
@@ -33,3 +33,10 @@ def test_allocation_matrix_rows_weigh_examples_equally_and_diagonal_mass():
 def test_diagonal_mass_skips_tasks_without_an_expert():
     assert diagonal_mass([[0.6, 0.4], [0.3, 0.7], [0.5, 0.5]]) == pytest.approx(0.65)
     assert diagonal_mass([]) is None
+
+
+def test_own_expert_gates_count_the_first_task_and_show_where_it_ends():
+    phases = [[[1.0]], [[0.3, 0.7], [0.1, 0.9]], [[0.2, 0.5, 0.3], [0.1, 0.6, 0.3], [0.0, 0.1, 0.9]]]
+    gates = own_expert_gates(phases)
+    assert gates == {"after_own_task": [1.0, 0.9, 0.9], "at_end": [0.2, 0.6, 0.9]}
+    assert own_expert_gates([]) == {"after_own_task": [], "at_end": []}

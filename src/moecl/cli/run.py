@@ -223,6 +223,16 @@ def show_command(args: argparse.Namespace, console: Console) -> int:
                 "diagonal_mass": results["diagonal_mass_phases"][t],
             }
             console.print(allocation_table(tasks, allocation, f"router allocation after phase {t + 1}"))
+        from moecl.evaluation.routing import own_expert_gates
+
+        gates = own_expert_gates(results["router_allocation_phases"])
+        console.print(
+            "own-expert gate per task (right after its own task -> at the end): "
+            + ", ".join(
+                f"{n} {a:.2f} -> {b:.2f}"
+                for n, a, b in zip(results["tasks"], gates["after_own_task"], gates["at_end"], strict=False)
+            )
+        )
     elif results.get("router_allocation"):  # runs made before per-phase allocation
         console.print("router allocation (task x expert): ")
         for name, row in zip(results["tasks"], results["router_allocation"], strict=True):

@@ -54,3 +54,16 @@ def diagonal_mass(matrix: list[list[float]]) -> float | None:
     ``None`` when no task has one."""
     diagonal = [row[k] for k, row in enumerate(matrix) if k < len(row)]
     return round(sum(diagonal) / len(diagonal), 6) if diagonal else None
+
+
+def own_expert_gates(phases: list[list[list[float]]]) -> dict[str, list[float]]:
+    """Per task ``k`` (the first included), expert ``k``'s gate on task ``k`` right after task
+    ``k`` (``after_own_task``: 1 for the first task, whose router has one column) and at the end
+    of the stream (``at_end``), from the allocation matrix measured after each phase."""
+    if not phases:
+        return {"after_own_task": [], "at_end": []}
+    tasks = min(len(phases), len(phases[-1]))
+    return {
+        "after_own_task": [phases[k][k][k] for k in range(tasks) if k < len(phases[k][k])],
+        "at_end": [phases[-1][k][k] for k in range(tasks) if k < len(phases[-1][k])],
+    }

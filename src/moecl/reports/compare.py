@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from moecl.evaluation.routing import own_expert_gates
 from moecl.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 from moecl.reports.stats import ItemScores, general_item_scores, item_scores, mean_ci, paired_bootstrap
 from moecl.reports.tables import markdown_table
@@ -60,17 +61,20 @@ class MethodRuns:
         scores = {r["seed"]: general_item_scores(folder) for folder, r in zip(self.folders, self.results, strict=True)}
         return None if any(v is None for v in scores.values()) else scores
 
-    def routing(self) -> tuple[list[float], list[float]]:
-        """Per seed (routed runs only): the diagonal mass at the end of the stream, and the mean
-        over tasks ``k >= 2`` of expert ``k``'s gate on task ``k`` right after task ``k``."""
-        diagonal, own = [], []
+    def routing(self) -> tuple[list[float], list[float], list[list[float]]]:
+        """Per seed (routed runs only): the diagonal mass at the end of the stream; the mean over
+        every task ``k`` (the first included) of expert ``k``'s gate on task ``k`` right after
+        task ``k``; and per task that gate at the end of the stream."""
+        diagonal, own, at_end = [], [], []
         for r in self.results:
             phases = r.get("router_allocation_phases")
             if not phases or len(phases) < 2:
                 continue
+            gates = own_expert_gates(phases)
             diagonal.append(r["diagonal_mass_phases"][-1])
-            own.append(float(np.mean([phases[k][k][k] for k in range(1, len(phases))])))
-        return diagonal, own
+            own.append(float(np.mean(gates["after_own_task"])))
+            at_end.append(gates["at_end"])
+        return diagonal, own, at_end
 
     def mean_R(self) -> np.ndarray:
         """``R`` averaged over seeds, NaN where not evaluated: ``(rows, tasks)``."""
@@ -168,9 +172,13 @@ def table_rows(columns: list[MethodRuns]) -> list[tuple[str, list[list[float]]]]
     share = [[100 * r["trainable_params"] / r["total_params"] for r in c.results] for c in columns]
     rows.append(("trainable %", share))
     routing = [c.routing() for c in columns]
-    if any(diagonal for diagonal, _ in routing):
-        rows.append(("diagonal mass", [diagonal for diagonal, _ in routing]))
-        rows.append(("own expert after own task", [own for _, own in routing]))
+    if any(diagonal for diagonal, _, _ in routing):
+        rows.append(("diagonal mass", [diagonal for diagonal, _, _ in routing]))
+        rows.append(("own expert after own task", [own for _, own, _ in routing]))
+        for k, task in enumerate(columns[0].tasks):
+            rows.append(
+                (f"own expert at end: {task}", [[seed[k] for seed in end if k < len(seed)] for *_, end in routing])
+            )
     return rows
 
 
@@ -183,7 +191,11 @@ def markdown(columns: list[MethodRuns], paired: dict[str, Any] | None = None) ->
         floor_cells = [
             "–" if floors[k].get(name) is None else f"{floors[k][name]:.1f}" for k in ("majority", "zero_shot")
         ]
-        digits = {"trainable %": 3, "OP": 2, "BWT": 2, "diagonal mass": 2, "own expert after own task": 2}.get(name, 1)
+        digits = (
+            2
+            if name.startswith("own expert")
+            else {"trainable %": 3, "OP": 2, "BWT": 2, "diagonal mass": 2}.get(name, 1)
+        )
         rows.append([name, *floor_cells, *(_cell(v, digits) for v in values)])
     rows.append(["seeds", "", "", *(str(len(c.results)) for c in columns)])
     text = markdown_table(["task", "majority", "zero-shot", *(c.label for c in columns)], rows)
@@ -192,8 +204,10 @@ def markdown(columns: list[MethodRuns], paired: dict[str, Any] | None = None) ->
         "mean alone. majority / zero-shot: the floors (always the most frequent training answer; the base "
         "model without training) on the same items. Routed methods: diagonal mass = mean over tasks of the "
         "gate on their own expert at the end; own expert after own task = expert k's gate on task k right "
-        "after task k, mean over k >= 2. General rows (when runs scored general ability): the score after the "
-        "stream, the base model's beside it as zero-shot, and Delta R^G (Eq. 6).\n"
+        "after task k, mean over every task (the first included, whose gate is 1 while it is the only expert); "
+        "own expert at end: each task's gate on its own expert once the stream is done. General rows (when "
+        "runs scored general ability): the score after the stream, the base model's beside it as zero-shot, "
+        "and Delta R^G (Eq. 6).\n"
     )
     if paired:
         text += "\n" + paired_markdown(paired)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moecl.evaluation.routing import own_expert_gates
 from moecl.io import read_json
 from moecl.reports.plots import plot_allocation_phases, plt
 
@@ -95,9 +96,15 @@ def routing_section(results: dict[str, Any]) -> str:
     plot_allocation_phases(phases, results["tasks"], buffer)
     image = base64.b64encode(buffer.getvalue()).decode()
     mass = ", ".join(_fmt(m, 2) for m in results["diagonal_mass_phases"])
+    gates = own_expert_gates(phases)
+    own = ", ".join(
+        f"{html.escape(n)} {_fmt(a, 2)} &rarr; {_fmt(b, 2)}"
+        for n, a, b in zip(results["tasks"], gates["after_own_task"], gates["at_end"], strict=False)
+    )
     return (
         f"<h2>Router allocation after each task</h2><img alt='allocation' src='data:image/png;base64,{image}'>"
         f"<p>Diagonal mass after each task: {mass}</p>"
+        f"<p>Each task's gate on its own expert, right after its own task &rarr; at the end: {own}</p>"
     )
 
 

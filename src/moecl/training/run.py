@@ -37,7 +37,7 @@ from moecl.evaluation.continual import backward_transfer, forward_transfer, over
 from moecl.evaluation.floors import ZeroShotCache, majority_score, zero_shot_key
 from moecl.evaluation.general import BenchmarkScore, base_scores, paired, score_suite, suite_note
 from moecl.evaluation.generation import generate, max_new_tokens_for, score_predictions, single_line
-from moecl.evaluation.routing import Allocation, gate_summary
+from moecl.evaluation.routing import Allocation, gate_summary, own_expert_gates
 from moecl.io import atomic_write_json, atomic_write_text
 from moecl.methods import METHODS
 from moecl.methods.base import Method
@@ -606,6 +606,7 @@ def routing_results(phases: list[dict[str, Any]] | None) -> dict[str, Any]:
         "router_allocation_phases": [p["matrix"] for p in phases],
         "router_entropy_phases": [p["entropy"] for p in phases],
         "diagonal_mass_phases": [p["diagonal_mass"] for p in phases],
+        "own_expert_gate": own_expert_gates([p["matrix"] for p in phases]),
     }
 
 
