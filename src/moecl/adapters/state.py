@@ -16,10 +16,18 @@ from torch import nn
 
 from moecl.adapters.expert_bank import LoRAExpertBank
 from moecl.adapters.lora import LoRALinear
+from moecl.adapters.mixture import LoRAMixtureLinear
 from moecl.adapters.router import Router
 from moecl.adapters.subexperts import TaskPrototypes, TopKRouter
 
-ADAPTER_TYPES: tuple[type[nn.Module], ...] = (LoRALinear, LoRAExpertBank, Router, TopKRouter, TaskPrototypes)
+ADAPTER_TYPES: tuple[type[nn.Module], ...] = (
+    LoRALinear,
+    LoRAExpertBank,
+    Router,
+    TopKRouter,
+    TaskPrototypes,
+    LoRAMixtureLinear,
+)
 
 
 def _adapter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

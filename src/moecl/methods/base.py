@@ -1,7 +1,7 @@
 """The seams of the training template where a continual-learning method plugs in.
 
 The template (``moecl.training.run``) calls, for every task ``t`` of the stream:
-``before_task`` -> per batch ``loss`` -> ``after_task``; it trains exactly
+``before_task`` -> per batch ``loss`` (and per optimizer step ``before_step``) -> ``after_task``; it trains exactly
 ``trainable_parameters``, and checkpoints through ``save``/``load``. Before scoring task ``i``
 it calls ``before_eval`` and lets ``eval_prompts`` rewrite the prompts. A method changes what
 it must and inherits the rest; ``joint`` methods see the whole stream in one phase and
@@ -66,6 +66,10 @@ class Method:
         """Training loss of one batch: the answer-token LM loss plus the method's own terms.
         ``model`` is unwrapped (no DDP) and has just run the batch's forward."""
         return lm_loss
+
+    def before_step(self, model: nn.Module) -> None:
+        """Called once the gradients of an optimizer step are complete (accumulated and, across
+        processes, averaged), just before the step: a method may rewrite them (A-GEM projects)."""
 
     def step_log(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """The method's own entries of a training step's ``log.jsonl`` line (after ``loss``)."""

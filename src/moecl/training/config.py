@@ -9,9 +9,22 @@ from typing import Any
 from moecl.data.names import check_task_name
 from moecl.evaluation.continual import BWT_CONVENTIONS
 
-METHOD_NAMES = ("pmoe", "moses", "seq-ft", "seq-lora", "o-lora", "per-task-lora", "mtl", "icl")
+METHOD_NAMES = (
+    "pmoe",
+    "moses",
+    "seq-ft",
+    "seq-lora",
+    "o-lora",
+    "per-task-lora",
+    "mtl",
+    "icl",
+    "ewc",
+    "lwf",
+    "agem",
+    "loramoe",
+)
 DEFAULT_LR = {"seq-ft": 1e-5}
-DEFAULT_REPLAY = {"pmoe": 0.01}
+DEFAULT_REPLAY = {"pmoe": 0.01, "loramoe": 0.01}  # LoRAMoE: its balancing constraint needs replayed data
 DEFAULT_TARGETS: dict[str, list[str] | None] = {"moses": None}
 """Adapted projections when none are named: every linear layer of the blocks ("all-linear"),
 chosen on the validation split (README); MoSEs keeps the family's q and v (its design)."""
@@ -28,7 +41,9 @@ class RunConfig:
     method: str = _opt(
         "pmoe",
         "continual-learning method: pmoe, moses (mixture of sub-experts); baselines seq-ft (full fine-tuning), "
-        "seq-lora, o-lora, per-task-lora (task id given), mtl (all tasks jointly), icl (k-shot prompting, no training)",
+        "seq-lora, o-lora, per-task-lora (task id given), mtl (all tasks jointly), icl (k-shot prompting, no "
+        "training), ewc, lwf, agem (seq-lora plus EWC, LwF or A-GEM), loramoe (a fixed bank of LoRA experts, a "
+        "router per layer)",
         choices=list(METHOD_NAMES),
     )
     model: str = _opt("smollm2-135m", "Hugging Face name or local folder, or an alias: smollm2-135m, tiny-random")
@@ -79,7 +94,8 @@ class RunConfig:
     replay: float | None = _opt(
         None,
         "fraction of each past task's training data kept and mixed into later tasks (default: 0.01 for pmoe as in "
-        "seed 001, 0 for the baselines; seq-ft/seq-lora with replay are the paper's Full-ft-RE/LoRA-RE)",
+        "seed 001 and for loramoe, 0 for the other baselines; seq-ft/seq-lora with replay are the paper's "
+        "Full-ft-RE/LoRA-RE)",
     )
     replay_extra: str | None = _opt(
         None,
@@ -93,6 +109,18 @@ class RunConfig:
     )
     lambda_orth: float = _opt(0.5, "o-lora: weight of the orthogonality loss sum_i |A_i A_t^T| (official code: 0.5)")
     lambda_l2: float = _opt(0.0, "o-lora: weight of ||new LoRA||^2 (official code: 0)")
+    lambda_ewc: float = _opt(1000.0, "ewc: weight of the penalty lambda/2 * sum F (theta - theta*)^2")
+    ewc_samples: int = _opt(64, "ewc: training examples per task the diagonal Fisher is estimated on")
+    lambda_lwf: float = _opt(1.0, "lwf: weight of the distillation from the model before the current task")
+    lwf_temperature: float = _opt(2.0, "lwf: softmax temperature T of the distillation (scaled by T^2)")
+    agem_memory: int = _opt(32, "agem: examples of each finished task kept in the episodic memory")
+    loramoe_experts: int = _opt(6, "loramoe: LoRA experts per adapted projection (each of rank --rank)")
+    lambda_balance: float = _opt(0.01, "loramoe: weight of the localized balancing constraint")
+    balance_delta: float = _opt(
+        0.1,
+        "loramoe: the constraint's delta: each half of the experts is pushed towards one kind of data (replayed "
+        "earlier tasks; the current task) by weights 1 +- delta",
+    )
     task_id: str = _opt(
         "given",
         "moses at evaluation: given (TIL, route by the true task) or inferred (TaIL, nearest task key)",
@@ -195,7 +223,7 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and not (low <= value <= high if closed else low <= value < high):
                 raise ValueError(f"{name} must lie in [{low}, {high}{']' if closed else ')'}, got {value}")
-        for name in ("lr", "alpha", "router_lr"):
+        for name in ("lr", "alpha", "router_lr", "lwf_temperature"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value}")
@@ -256,10 +284,21 @@ AT_LEAST = {
     "lambda_orth": 0,
     "lambda_l2": 0,
     "lambda_route_distill": 0,
+    "lambda_ewc": 0,
+    "ewc_samples": 1,
+    "lambda_lwf": 0,
+    "agem_memory": 1,
+    "loramoe_experts": 2,
+    "lambda_balance": 0,
     "general_limit": 1,
 }
 """Lower bounds of numeric options (``None`` stays allowed where the type allows it)."""
-FRACTIONS = {"replay": (0, 1, True), "warmup_ratio": (0, 1, False), "lora_dropout": (0, 1, False)}
+FRACTIONS = {
+    "replay": (0, 1, True),
+    "warmup_ratio": (0, 1, False),
+    "lora_dropout": (0, 1, False),
+    "balance_delta": (0, 1, False),
+}
 """Options that are shares: (low, high, whether high itself is allowed)."""
 
 

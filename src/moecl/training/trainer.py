@@ -132,6 +132,8 @@ def train_task(
                         "this task's data"
                     )
                 accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    method.before_step(trained)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             window_loss, window = window_loss + loss.detach().float(), window + 1
