@@ -1,8 +1,8 @@
-"""A progressive bank of LoRA experts around one linear layer (PMoE's deep blocks, SPEC §1.3).
+"""A progressive bank of LoRA experts around one linear layer (PMoE's deep blocks).
 
 ``y = base(x) + sum_k g_k (alpha/r) B_k A_k x`` with ``g`` the router's gate for the token.
 
-The mixture is computed in the fused form of SPEC §1.9: stacking the experts gives one rank
+The mixture is computed in a fused form: stacking the experts gives one rank
 ``T*r`` LoRA, ``sum_k g_k B_k A_k x = B_cat (expand_r(g) * (A_cat x))``, i.e. two matmuls and
 one elementwise scale, whatever ``T`` is. Neither a Python loop over experts nor a
 ``(tokens, T, d_out)`` tensor appears. :meth:`LoRAExpertBank.reference_delta` is the plain loop,

@@ -56,7 +56,7 @@ def make_dropout(p: float) -> nn.Module:
 
 
 class LoRALinear(nn.Module):
-    """One LoRA adapter shared by every task (PMoE's shallow blocks, SPEC §1.2).
+    """One LoRA adapter shared by every task (PMoE's shallow blocks).
 
     Args:
         base_layer: the ``nn.Linear`` or ``Conv1D`` to adapt; it stays frozen.

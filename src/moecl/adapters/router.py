@@ -1,4 +1,4 @@
-"""PMoE's router (SPEC §1.4): ``G(x) = softmax(h_tau W_g + b)``, one column per expert.
+"""PMoE's router (arXiv 2407.21571): ``G(x) = softmax(h_tau W_g + b)``, one column per expert.
 
 The router is computed once per forward pass, at the boundary between the shallow and the deep
 blocks, and the same gate weights every deep expert bank. :class:`GateState` is the one object

@@ -1,5 +1,5 @@
 """MoSEs' token-level top-k router over a pool of LoRA sub-experts, with task-aware routing
-(SPEC §2, our reading of seed 002).
+(our reading of the MoSEs paper, arXiv 2511.06237).
 
 Per adapted projection, the pool's sub-experts live in a :class:`LoRAExpertBank` (the same
 fused maths as PMoE's experts, ``rank`` = the sub-expert rank); this router is the bank's gate.

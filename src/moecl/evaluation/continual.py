@@ -1,4 +1,4 @@
-"""The continual-learning matrix ``R`` and its summaries (SPEC §5).
+"""The continual-learning matrix ``R`` and its summaries (TRACE, arXiv 2310.06762).
 
 ``R[t][i]`` is the score on task ``i`` after training task ``t`` (0-based here), ``None``
 where it was not evaluated (task ``i > t`` unless all tasks are evaluated). With ``T`` tasks:

@@ -1,4 +1,4 @@
-"""A score's floors (SPEC §9): what always answering the majority class gets, and what the
+"""A score's floors: what always answering the majority class gets, and what the
 untrained base model gets zero-shot. A task counts as learned only when it beats both clearly.
 
 The zero-shot floor costs one evaluation pass of the base model, so it is cached under

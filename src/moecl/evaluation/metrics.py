@@ -1,4 +1,4 @@
-"""TRACE's per-task metrics (SPEC §5), each scoring one prediction on a 0-100 scale.
+"""TRACE's per-task metrics (arXiv 2310.06762), each scoring one prediction on a 0-100 scale.
 
 A task's score is the mean of its examples' scores, so every metric fits one contract:
 ``score(metric, prompt, answer, prediction) -> float``; the per-example numbers are what

@@ -1,4 +1,4 @@
-"""Where a router sends each task (seed 001 Fig. 3-4): allocation matrices, diagonal mass, entropy.
+"""Where a router sends each task (PMoE's Fig. 3-4, arXiv 2407.21571): allocation matrices, diagonal mass, entropy.
 
 A run measures, after every task, the router's mean gate per (task seen, expert) on each task's
 scored prompts. Expert ``k`` of a routed method is the one opened for task ``k``, so the

@@ -1,4 +1,4 @@
-"""Full fine-tuning in sequence (seed 001's Full-ft; with ``--replay`` its Full-ft-RE)."""
+"""Full fine-tuning in sequence (the PMoE paper's Full-ft; with ``--replay`` its Full-ft-RE)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The LoRA baselines of seed 001's Table 1, built from PMoE's own adapters (no second LoRA code).
+"""The LoRA baselines of PMoE's Table 1 (arXiv 2407.21571), built from PMoE's own adapters (no second LoRA code).
 
 Each is a :class:`~moecl.models.pmoe.PMoEModel` with another split and a fixed gate:
 

@@ -1,5 +1,6 @@
-"""PMoE (SPEC §1) as a method: a new expert per task, optional router loss (Eq. 7) and routing
-distillation on the replay memory (SPEC §7)."""
+"""PMoE (*Progressive Mixture of Experts with Asymmetric Transformer*, arXiv 2407.21571) as a
+method: a new expert per task, optional router loss (Eq. 7) and routing distillation on the
+replay memory (after SAPT)."""
 
 from __future__ import annotations
 

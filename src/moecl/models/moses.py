@@ -1,7 +1,8 @@
-"""MoSEs (SPEC §2): a pool of LoRA sub-experts on every target projection, token-level top-k
-routing keyed by the task, growth within a budget; task id given (TIL) or inferred (TaIL).
+"""MoSEs (mixtures of sub-experts, arXiv 2511.06237): a pool of LoRA sub-experts on every target
+projection, token-level top-k routing keyed by the task, growth within a budget; task id given
+(TIL) or inferred (TaIL).
 
-Our reading of seed 002 (its method section was not readable); see the README. Forward pass::
+Our reading of the MoSEs paper; see the README. Forward pass::
 
     task ids of the batch (given, or inferred from the prompt) -> self.routing
     every block: q/v = base(x) + LoRAExpertBank(x, gate = TopKRouter(x, task))   # k of the pool
@@ -27,7 +28,7 @@ class MoSEsConfig:
     """Hyper-parameters of a mixture of LoRA sub-experts.
 
     Args:
-        rank: rank of each sub-expert (small: the seed's sub-experts are fine-grained).
+        rank: rank of each sub-expert (small: the paper's sub-experts are fine-grained).
         alpha: each sub-expert's delta is scaled by ``alpha / rank`` (then by its gate).
         top_k: sub-experts per token.
         initial_experts: sub-experts the first task opens in every pool.
@@ -122,7 +123,7 @@ class MoSEsModel(AdapterModel):
 
     def capacity(self) -> list[int]:
         """Adapter elements held after each task: sub-experts (A, B, routing key), the task's
-        bias rows, its prototype key (the seed's "model capacity" curve)."""
+        bias rows, its prototype key (the paper's "model capacity" curve)."""
         sizes = []
         for t in range(self.num_tasks):
             pool = self.config.experts_after(t)

@@ -1,4 +1,4 @@
-"""PMoE on a Hugging Face causal LM: surgery, the router's place, growth, save and load (SPEC §1).
+"""PMoE on a Hugging Face causal LM: surgery, the router's place, growth, save and load (arXiv 2407.21571).
 
 Reading order of a forward pass::
 

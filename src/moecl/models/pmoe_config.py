@@ -1,4 +1,4 @@
-"""Configuration of a PMoE model (SPEC §1), saved as JSON next to the adapter weights."""
+"""Configuration of a PMoE model (arXiv 2407.21571), saved as JSON next to the adapter weights."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Method comparison laid out like seed 001's Table 1, and the R matrices side by side.
+"""Method comparison laid out like PMoE's Table 1 (arXiv 2407.21571), and the R matrices side by side.
 
 A run folder holds ``results.json`` (one seed) or ``seed-<s>/results.json`` subfolders
 (``moecl run --seeds``); each becomes one column, reported as mean ± the half-width of a 95%

@@ -42,7 +42,7 @@ def plot_bands(
 
 
 def plot_allocation_phases(phases: list[list[list[float]]], tasks: list[str], path: str | Path) -> None:
-    """One heat map per phase (seed 001 Fig. 3/4): rows the tasks seen so far, columns the experts,
+    """One heat map per phase (PMoE's Fig. 3/4): rows the tasks seen so far, columns the experts,
     each cell the mean gate, with the value written in it."""
     fig, axes = plt.subplots(1, len(phases), figsize=(2.6 * len(phases) + 0.8, 2.9), dpi=120, squeeze=False)
     for t, (ax, matrix) in enumerate(zip(axes[0], phases, strict=True)):

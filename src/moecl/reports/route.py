@@ -1,4 +1,4 @@
-"""Which expert each token goes to (seed 001 Fig. 5): an HTML page and a terminal view.
+"""Which expert each token goes to (PMoE's Fig. 5): an HTML page and a terminal view.
 
 Every token is coloured by its top expert under PMoE's router, with the whole gate on hover; a
 legend names each expert's task. The page is self-contained (inline CSS, no scripts).

@@ -1,4 +1,4 @@
-"""Error bars for a comparison (SPEC §9): a 95% confidence interval over seeds per cell, and the
+"""Error bars for a comparison: a 95% confidence interval over seeds per cell, and the
 paired bootstrap of a difference between two methods over (seed, test example).
 
 Two runs of the same stream and seed score the same test items in the same order, so a

@@ -1,4 +1,4 @@
-"""Performance and cost against one option (seed 001's Fig. 2 for tau), and the router's
+"""Performance and cost against one option (PMoE's Fig. 2 for tau), and the router's
 allocation at the two ends of the sweep side by side (its Fig. 3)."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Seed 003's theory of mixtures of experts in continual learning, as simulators (SPEC §3)."""
+"""The theory of mixtures of experts in continual learning as simulators (*Theory on
+Mixture-of-Experts in Continual Learning*, arXiv 2406.16437)."""
 
 from moecl.theory.linear import LinearMoEConfig, LinearMoEResult, simulate
 

@@ -1,4 +1,4 @@
-"""Seed 003's experiments (SPEC §3.7): which settings each runs, and what each writes.
+"""The theory's experiments (arXiv 2406.16437): which settings each runs, and what each writes.
 
 Every experiment writes into its output directory:
 

@@ -1,10 +1,10 @@
-"""The linear mixture-of-experts continual learner of seed 003 (Li et al., arXiv 2406.16437).
+"""The linear mixture-of-experts continual learner of Li et al. (arXiv 2406.16437).
 
-Data model (SPEC §3.1): ``N`` ground-truth models in ``K`` clusters; round ``t`` draws one,
+Data model: ``N`` ground-truth models in ``K`` clusters; round ``t`` draws one,
 ``w*_{n_t}``, and a feature matrix ``X_t (d, s)``, ``s < d``, one column of which is the task's
 signal vector ``v_{n_t}`` and the rest small noise; labels ``y_t = X_t^T w*_{n_t}``.
 
-Model (SPEC §3.2-3.5): ``M`` linear experts and gate vectors, all zero at start. Each round:
+Model: ``M`` linear experts and gate vectors, all zero at start. Each round:
 
 1. gate ``h_m = theta_m . sum_i X_{t,i}``; noise ``r_m ~ U[0, lambda]``; ``pi = softmax(h + r)``;
    the task goes to ``m_t = argmax(h + r)`` (top-1);
@@ -39,7 +39,7 @@ from moecl.theory.metrics import Metrics, forgetting_and_error, task_error
 
 @dataclass
 class LinearMoEConfig:
-    """Settings of one simulation; defaults are SPEC §3.7's forgetting experiment.
+    """Settings of one simulation; defaults are the paper's forgetting experiment.
 
     Args:
         d: feature dimension.

@@ -1,4 +1,4 @@
-"""Forgetting ``F_t`` and generalisation error ``G_t`` of a continual learner (seed 003, SPEC §3.6).
+"""Forgetting ``F_t`` and generalisation error ``G_t`` of a continual learner (arXiv 2406.16437).
 
 Both are read off two per-task error records: ``current[tau]``, the error on past task ``tau``
 of the expert that learned it, as that expert is *now* (after round ``t``), and

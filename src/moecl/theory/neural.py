@@ -1,7 +1,7 @@
-"""The neural version of seed 003's experiment: MLP experts on binary digit tasks.
+"""The neural version of the theory's experiment (arXiv 2406.16437): MLP experts on binary digit tasks.
 
 Task kinds are "is it 1", "is it 4", "is it 7" on scikit-learn's bundled 8x8 digits (offline;
-the seed's authors used MNIST). Each round draws a kind and a fresh balanced training sample
+the paper's authors used MNIST). Each round draws a kind and a fresh balanced training sample
 of it; the gate reads the kind's mean positive image (unit norm), exactly as the authors' gate
 reads a per-task mean image; top-1 noisy routing, the locality + load-balancing gate step and
 early termination are those of :mod:`moecl.theory.linear`, with an expert's move

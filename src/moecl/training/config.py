@@ -67,7 +67,7 @@ class RunConfig:
     seed: int = _opt(0, "seed of data order, sampling, initialisation and replay")
     epochs: int = _opt(3, "epochs over each task's training data (replay included)")
     lr: float | None = _opt(
-        None, "peak AdamW learning rate (default: 3e-3 for adapter methods, 1e-5 for seq-ft as in seed 001)"
+        None, "peak AdamW learning rate (default: 3e-3 for adapter methods, 1e-5 for seq-ft as in the PMoE paper)"
     )
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     warmup_ratio: float = _opt(0.1, "share of each task's steps spent warming the learning rate up")
@@ -94,7 +94,7 @@ class RunConfig:
     replay: float | None = _opt(
         None,
         "fraction of each past task's training data kept and mixed into later tasks (default: 0.01 for pmoe as in "
-        "seed 001 and for loramoe, 0 for the other baselines; seq-ft/seq-lora with replay are the paper's "
+        "the PMoE paper and for loramoe, 0 for the other baselines; seq-ft/seq-lora with replay are the paper's "
         "Full-ft-RE/LoRA-RE)",
     )
     replay_extra: str | None = _opt(
@@ -368,7 +368,7 @@ def config_from_options(values: dict[str, Any]) -> RunConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # PMoE's router exactly as seed 001 describes it (Eq. 4, no router loss): raw h_tau, every new
+    # PMoE's router exactly as its paper (arXiv 2407.21571) describes it (Eq. 4, no router loss): raw h_tau, every new
     # expert and column at zero, every column training, 1% replay. Training budget, rank and
     # target modules stay the stream's validated defaults, so a comparison isolates the router.
     "pmoe-paper": dict(
@@ -388,7 +388,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # and the shipped stream, 2 optimizer steps per task, 8 test items. Checks that everything is
     # there and runs end to end; its scores mean nothing.
     "setup-check": dict(train_size=16, test_size=8, eval_size=8, epochs=1),
-    # Seed 002's "TRACE 0.5K": 500 training examples per task (mini-trace holds up to 500 per task).
+    # The MoSEs paper's (arXiv 2511.06237) "TRACE 0.5K": 500 training examples per task (mini-trace
+    # holds up to 500 per task).
     "0.5k": dict(method="moses", train_size=500),
     # A tiny random model learns the smoke stream with every projection adapted and 30 epochs; a
     # quarter of each past task replayed keeps it (measured with PMoE's routed defaults: OP 70.3, BWT

@@ -1,4 +1,4 @@
-"""The replay memory (SPEC §1.6): a fixed share of every finished task's training data."""
+"""The replay memory (PMoE, arXiv 2407.21571): a fixed share of every finished task's training data."""
 
 from __future__ import annotations
 
