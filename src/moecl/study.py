@@ -27,9 +27,10 @@ from typing import Any
 
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from moecl.io import atomic_write_json
+from moecl.reports.progress import make_progress
 from moecl.training.config import RunConfig, config_from_options
 
 
@@ -132,7 +133,7 @@ def run_study(study: Study, out: Path, force: bool = False, console: Console | N
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console) as progress:
+    with make_progress(console, *columns) as progress:
         overall = progress.add_task("study", total=len(study.runs()))
         for entry, seed in study.runs():
             folder = out / entry.folder / f"seed-{seed}"

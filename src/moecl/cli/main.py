@@ -15,7 +15,7 @@ from pathlib import Path
 import torch.distributed as dist
 from accelerate import PartialState
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from moecl.cli.data import DATA_HELP, add_data_arguments, data_command
 from moecl.cli.run import (
@@ -32,6 +32,7 @@ from moecl.cli.run import (
     study_command,
     sweep_command,
 )
+from moecl.reports.progress import make_progress
 from moecl.theory.experiments import DEFAULT_RUNS, run_setting, settings_for, write_report
 
 THEORY_HELP = """\
@@ -302,7 +303,7 @@ def run_theory(args: argparse.Namespace, console: Console) -> int:
     start = time.perf_counter()
     results = {}
     columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with make_progress(console, *columns, transient=False) as progress:
         for setting in settings:
             task = progress.add_task(setting.key, total=setting.config.T * per_round_runs)
             results[setting.key] = run_setting(setting, runs, args.seed, lambda t=task: progress.advance(t))

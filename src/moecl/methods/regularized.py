@@ -27,7 +27,6 @@ adapter in every checkpoint, so a run resumes with the same numbers.
 
 from __future__ import annotations
 
-import inspect
 import json
 import random
 from pathlib import Path
@@ -41,8 +40,7 @@ from moecl.data.trace import Example
 from moecl.io import atomic_path, atomic_write_json
 from moecl.methods.lora import SeqLoRAMethod
 from moecl.models.pmoe import PMoEModel
-from moecl.training.batches import Collator, answer_loss
-from moecl.training.trainer import base_forward
+from moecl.training.batches import Collator, answer_loss, keeps_logits
 
 EWC_STATE = "ewc.safetensors"
 LWF_TEACHER = "lwf_teacher.safetensors"
@@ -52,10 +50,6 @@ AGEM_MEMORY = "agem_memory.json"
 def _device_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     device = next(model.parameters()).device
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def _keeps_logits(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(base_forward(model)).parameters
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str] | None = None) -> None:
@@ -120,7 +114,7 @@ def diagonal_fisher(
     (TRACE's EWC squares its training batches' gradients the same way)."""
     named = dict(model.named_trainable_parameters())
     total = {n: torch.zeros_like(p) for n, p in named.items()}
-    keep = _keeps_logits(model)
+    keep = keeps_logits(model)
     with torch.enable_grad():
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
@@ -246,7 +240,7 @@ class AGEMMethod(SeqLoRAMethod):
         batch = self.collator(rng.sample(self.memory, min(self.config.micro_batch_size, len(self.memory))))
         params = [p for p in self.trainable_parameters(model) if p.grad is not None]
         with torch.enable_grad():
-            loss = answer_loss(model, _device_batch(model, batch), _keeps_logits(model))
+            loss = answer_loss(model, _device_batch(model, batch), keeps_logits(model))
             reference = torch.autograd.grad(loss, params, allow_unused=True)
         reference = [torch.zeros_like(p) if r is None else r for p, r in zip(params, reference, strict=True)]
         self.projected = project([p.grad for p in params], reference)

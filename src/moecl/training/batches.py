@@ -3,6 +3,7 @@ order in which a task's examples are batched (shuffled, and grouped by length)."
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -124,3 +125,10 @@ def answer_loss(
     return F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), labels[:, -logits.shape[1] :].reshape(-1), ignore_index=-100
     )
+
+
+def keeps_logits(model: nn.Module) -> bool:
+    """Whether the Hugging Face model inside ``model`` accepts ``logits_to_keep`` (so that
+    :func:`answer_loss` can skip the vocabulary projection of prompt tokens)."""
+    inner = getattr(model, "base_model", model)
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters

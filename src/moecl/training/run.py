@@ -43,6 +43,7 @@ from moecl.methods import METHODS
 from moecl.methods.base import Method
 from moecl.models.loading import cache_dir, check_model_name, load_model, resolve_dtype
 from moecl.reports.plots import plot_allocation_phases
+from moecl.reports.progress import make_progress
 from moecl.training.batches import Collator
 from moecl.training.config import RunConfig
 from moecl.training.folder import RESUMABLE, RunFolder, RunFolderError
@@ -193,7 +194,7 @@ class Run:
         if self.shared_progress is not None:
             return contextlib.nullcontext(self.shared_progress)
         columns = (TextColumn("{task.description:<36}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        return Progress(*columns, console=self.console, disable=not self.main, transient=True)
+        return make_progress(self.console, *columns, disable=not self.main, transient=True)
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -348,7 +349,7 @@ class Run:
                 name = "+".join(self.tasks[i].name for i in phases[t])
                 stats = {"steps": 0, "tokens": 0, "last_loss": None, "planned_steps": 0}
                 if self.method.trains:
-                    bar = progress.add_task(f"train {name} ({t + 1}/{len(phases)})", total=None)
+                    bar = progress.add_task(f"train {name} ({t + 1}/{len(phases)}), steps", total=None)
                     stats = train_task(
                         acc,
                         self.method,
@@ -358,7 +359,13 @@ class Run:
                         cfg,
                         t,
                         self.log,
-                        lambda b=bar: progress.advance(b),
+                        lambda info, b=bar: progress.update(
+                            b,
+                            total=info["total"],
+                            completed=info["step"],
+                            loss=f"{info['loss']:.4f}",
+                            tokens_per_s=f"{info['tokens_per_s']:.0f}",
+                        ),
                         f"{name} (phase {t + 1} of {len(phases)})",
                         resume if t == done else None,
                         lambda snapshot, t=t: self.save_mid_task(model, t, snapshot),

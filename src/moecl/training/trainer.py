@@ -6,7 +6,6 @@ gradients are averaged; the effective batch is ``micro_batch x accumulation x pr
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 import time
@@ -21,7 +20,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from moecl.data.trace import Example
 from moecl.methods.base import Method
-from moecl.training.batches import Collator, LengthGroupedBatches, answer_loss
+from moecl.training.batches import Collator, LengthGroupedBatches, answer_loss, keeps_logits
 from moecl.training.config import RunConfig
 from moecl.training.sharding import (
     gather_trained,
@@ -59,13 +58,14 @@ def train_task(
     config: RunConfig,
     task_index: int,
     log: Callable[[dict[str, Any]], None],
-    advance: Callable[[], None] | None = None,
+    advance: Callable[[dict[str, Any]], None] | None = None,
     task_name: str | None = None,
     resume: dict[str, Any] | None = None,
     save: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``items`` (the task's examples and the replay memory) for ``config.epochs``.
-    A non-finite loss raises :class:`NonFiniteLoss` naming ``task_name`` and the step.
+    A non-finite loss raises :class:`NonFiniteLoss` naming ``task_name`` and the step. After each
+    optimizer step ``advance`` receives ``{step, total, loss, tokens_per_s}`` (for progress).
 
     Mid-task checkpoints: every ``config.save_every`` optimizer steps ``save`` receives a snapshot
     (step, micro-batches consumed, tokens, last loss, optimizer and schedule state, RNG states).
@@ -110,8 +110,8 @@ def train_task(
         step, tokens, last_loss = resume["step"], resume["tokens"], resume["last_loss"]
         padded = resume.get("padded", tokens)  # checkpoints from before the padding count: none counted
     ddp_model.train()
-    keep_logits = "logits_to_keep" in inspect.signature(base_forward(model)).parameters
-    started = time.perf_counter()
+    keep_logits = keeps_logits(model)
+    started, tokens_before = time.perf_counter(), tokens
     for _epoch in range(config.epochs):
         for batch in loader:
             micro += 1
@@ -157,7 +157,8 @@ def train_task(
                     }
                 )
                 if advance is not None:
-                    advance()
+                    rate = (tokens - tokens_before) * accelerator.num_processes / (time.perf_counter() - started)
+                    advance({"step": step, "total": total_steps, "loss": last_loss, "tokens_per_s": rate})
                 if save is not None and config.save_every and step % config.save_every == 0 and step < total_steps:
                     gather_trained(trained, model)
                     save(
@@ -202,9 +203,3 @@ def _tuples(value: Any) -> Any:
 
 class NonFiniteLoss(ValueError):
     """A training loss that is NaN or infinite: training stops instead of corrupting the weights."""
-
-
-def base_forward(model: nn.Module):
-    """The forward of the Hugging Face model inside ``model`` (whose keyword arguments it accepts)."""
-    inner = getattr(model, "base_model", model)
-    return inner.forward

@@ -1,0 +1,61 @@
+"""No import circle between moecl's modules: every module's top-level imports (those a plain
+``import`` runs; not the ones inside functions or under ``TYPE_CHECKING``) form a graph without
+cycles, so any module imports first and alone."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).parents[2] / "src"
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _top_level_imports(path: Path, modules: set[str]) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        for sub in ast.walk(node) if isinstance(node, ast.Import | ast.ImportFrom | ast.If | ast.Try) else []:
+            if isinstance(sub, ast.Import):
+                found |= {a.name for a in sub.names}
+            elif isinstance(sub, ast.ImportFrom) and sub.module and sub.level == 0:
+                found.add(sub.module)
+                found |= {f"{sub.module}.{a.name}" for a in sub.names}
+    targets = {name for name in found if name in modules}
+    for name in list(targets):  # importing a.b.c runs a and a.b first
+        parts = name.split(".")
+        targets |= {".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in modules}
+    return targets
+
+
+def test_moecl_modules_import_without_a_cycle():
+    files = {_module(p): p for p in (SRC / "moecl").rglob("*.py")}
+    graph = {name: _top_level_imports(path, set(files)) - {name} for name, path in files.items()}
+    # A module's own packages are already being imported when it runs (Python has them, partly
+    # initialised, in sys.modules): an edge to one of them is no circle.
+    for name in graph:
+        graph[name] = {t for t in graph[name] if not name.startswith(t + ".")}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt) :] + [nxt]
+                raise AssertionError("import circle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
