@@ -146,7 +146,11 @@ def test_a_run_scores_the_base_once_and_the_final_model_on_the_same_items(tmp_pa
     assert len(items["before"]["piqa"]["items"]) == len(items["after"]["piqa"]["items"]) == 8
     tiny_run(tmp_path, monkeypatch, "again", general="small", general_limit=8, tasks=["sentiment"])
     assert calls == [True, False, False]  # the base model's scores came from the cache
-    assert main(["general", "--model", "tiny-random", "--run", str(out), "--limit", "8"]) == 0
+    assert (
+        main(["general", "--model", "tiny-random", "--run", str(out), "--limit", "8", "--out", str(tmp_path / "g")])
+        == 0
+    )
+    assert json.loads((tmp_path / "g" / "general.json").read_text())  # --out is a folder, as for every command
     assert main(["compare", str(out), "--out", str(tmp_path / "cmp")]) == 0
     lines = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
     assert lines[2].startswith("| piqa (general) | – | " + f"{piqa['before']:.1f} | {piqa['after']:.1f}")

@@ -121,8 +121,11 @@ def test_compare_prints_floors_cis_and_paired_differences_of_hand_made_runs(tmp_
     assert paired["OP"]["seeds"] == 3
     assert "| vs LoRA | Δ OP [95% CI] | Δ BWT [95% CI] | paired seeds |" in text
     assert "delta_RG" not in paired  # no general.json: no general column
-    with pytest.raises(ValueError, match="--reference 'nope' is not a column"):
+    with pytest.raises(ValueError, match="--reference 'nope' is neither a column nor a run folder"):
         write_comparison([other, ref], out, ["PMoE", "LoRA"], reference="nope")
+    # The reference may also be named by its run folder, whatever its column is called.
+    by_folder = write_comparison([other, ref], tmp_path / "by-folder", ["PMoE", "LoRA"], reference=ref.name)
+    assert "| vs LoRA | Δ OP [95% CI] | Δ BWT [95% CI] | paired seeds |" in by_folder
 
 
 def test_paired_delta_rg_is_the_difference_of_the_mean_change_over_benchmarks(tmp_path):

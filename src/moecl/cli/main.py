@@ -208,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=int, default=100, help="items per benchmark, a seeded subset (0: all; default: 100)"
     )
     general.add_argument("--batch-size", type=int, default=16, help="lm-eval's batch size (default: 16)")
-    general.add_argument("--out", type=Path, help="also write the scores here as JSON")
+    general.add_argument(
+        "--out", type=Path, help="folder to also write the scores to, as general.json (a path ending .json: that file)"
+    )
     general.set_defaults(handler=general_command)
     sweep = commands.add_parser(
         "sweep",

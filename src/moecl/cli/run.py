@@ -315,8 +315,9 @@ def general_command(args: argparse.Namespace, console: Console) -> int:
         record.update(paired(before, after), general_scored_with=note, seconds=round(time.perf_counter() - start, 1))
         console.print(general_table(record, f"{args.run}: general ability ({args.suite} suite)"))
     if args.out:
-        atomic_write_json(args.out, record)
-        console.print(f"wrote {args.out}")
+        path = args.out if args.out.suffix == ".json" else args.out / "general.json"  # a folder, as elsewhere
+        atomic_write_json(path, record)
+        console.print(f"wrote {path}")
     return 0
 
 

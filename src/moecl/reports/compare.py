@@ -214,12 +214,24 @@ def markdown(columns: list[MethodRuns], paired: dict[str, Any] | None = None) ->
     return text
 
 
+def reference_label(columns: list[MethodRuns], run_dirs: list[Path], reference: str) -> str:
+    """The column ``--reference`` names: a column label, or a run folder as given or by its name."""
+    if reference in [c.label for c in columns]:
+        return reference
+    for column, run_dir in zip(columns, run_dirs, strict=True):
+        if reference in (str(run_dir), run_dir.name, str(run_dir).rstrip("/")):
+            return column.label
+    return reference  # refused by paired_differences, which lists the columns
+
+
 def paired_differences(columns: list[MethodRuns], reference: str, samples: int = 10_000) -> dict[str, Any]:
     """Every column's paired difference against ``reference`` in OP and BWT (bootstrap 95% CI),
     and in Delta R^G where both columns scored general ability."""
     labels = [c.label for c in columns]
     if reference not in labels:
-        raise ValueError(f"--reference {reference!r} is not a column; columns: {', '.join(labels)}")
+        raise ValueError(
+            f"--reference {reference!r} is neither a column nor a run folder; columns: {', '.join(labels)}"
+        )
     ref = columns[labels.index(reference)]
     convention = ref.results[0].get("bwt_convention", "seed")
     ref_items, ref_general = ref.item_scores(), ref.general_item_scores()
@@ -301,7 +313,7 @@ def write_comparison(
 ) -> str:
     """Write ``compare.md``, ``compare.csv``, ``compare.json`` and ``r_matrices.png`` to ``out``."""
     columns = collect(run_dirs, labels)
-    paired = paired_differences(columns, reference) if reference else None
+    paired = paired_differences(columns, reference_label(columns, run_dirs, reference)) if reference else None
     text = markdown(columns, paired)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "compare.md", text)
