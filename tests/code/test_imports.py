@@ -59,3 +59,18 @@ def test_moecl_modules_import_without_a_cycle():
     for node in sorted(graph):
         if node not in state:
             visit(node)
+
+
+def test_the_package_exports_what_a_custom_training_loop_needs_without_importing_torch_first():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, moecl; assert 'torch' not in sys.modules, 'import moecl loaded torch'; "
+        "print(sorted(n for n in moecl.__all__ if getattr(moecl, n) is None))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
+    import moecl
+
+    assert {"PMoEModel", "PMoEConfig", "MoSEsModel", "router_loss", "score", "RunConfig", "run"} <= set(moecl.__all__)
