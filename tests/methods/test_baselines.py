@@ -35,7 +35,7 @@ def test_every_method_is_registered_and_seq_ft_defaults_to_the_papers_lr():
 
 def test_olora_loss_equals_the_hand_computed_value():
     r, hidden, blocks = 2, 32, 2
-    model = PMoEModel(build_tiny("llama", layers=blocks), PMoEConfig(tau=0, rank=r, gate="sum"))
+    model = PMoEModel(build_tiny("llama", layers=blocks), PMoEConfig.paper(tau=0, rank=r, gate="sum"))
     model.add_task()
     model.add_task()
     model.add_task()  # two frozen adapters and the new one in every bank

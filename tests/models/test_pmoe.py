@@ -10,7 +10,7 @@ from moecl.adapters import LoRAExpertBank, LoRALinear
 
 
 def _pmoe(family: str, experts: int = 0, tau=0.5, **kw) -> PMoEModel:
-    pmoe = PMoEModel(build_tiny(family), PMoEConfig(tau=tau, rank=2, alpha=4, **kw))
+    pmoe = PMoEModel(build_tiny(family), PMoEConfig.paper(tau=tau, rank=2, alpha=4, **kw))
     for _ in range(experts):
         pmoe.add_task()
     return pmoe
@@ -248,7 +248,7 @@ def test_non_decoder_models_are_refused():
 
 def test_shallow_lora_matches_peft_lora_with_the_same_weights():
     peft = pytest.importorskip("peft")
-    ours = PMoEModel(build_tiny("llama"), PMoEConfig(tau=4, rank=2, alpha=4))  # every block shallow
+    ours = PMoEModel(build_tiny("llama"), PMoEConfig.paper(tau=4, rank=2, alpha=4))  # every block shallow
     perturb_adapters(ours)
     theirs = peft.get_peft_model(
         build_tiny("llama"), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
@@ -335,3 +335,17 @@ def test_manual_decoding_with_the_cache_argument_keeps_each_tokens_position():
         pmoe(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True, **{name: cache})
         step = pmoe(input_ids=ids[:, -1:], attention_mask=mask, use_cache=True, **{name: cache}).logits[:, -1]
     torch.testing.assert_close(step, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_the_default_config_is_what_moecl_run_builds_and_paper_is_the_papers():
+    """One set of defaults: PMoEConfig() is the adapter config `moecl run` builds on its defaults;
+    the paper's literal router is one named constructor, the one `--preset pmoe-paper` applies."""
+    from moecl.methods.pmoe import PMoEMethod
+    from moecl.training.config import PRESETS, RunConfig
+
+    assert PMoEMethod(RunConfig()).adapter_config() == PMoEConfig()
+    paper = PMoEConfig.paper()
+    assert (paper.rank, paper.alpha, paper.target_modules) == (4, 8.0, None)
+    preset = PMoEMethod(RunConfig(**{k: v for k, v in PRESETS["pmoe-paper"].items()})).adapter_config()
+    router_fields = ("router_norm", "expert_init", "router_init", "freeze_router", "router_align", "router_detach")
+    assert all(getattr(preset, f) == getattr(paper, f) for f in router_fields)

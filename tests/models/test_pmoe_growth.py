@@ -13,7 +13,7 @@ from moecl.adapters.router import Router
 
 
 def _pmoe(experts: int = 0, family: str = "llama", **kw) -> PMoEModel:
-    pmoe = PMoEModel(build_tiny(family), PMoEConfig(tau=2, rank=2, alpha=4, **kw))
+    pmoe = PMoEModel(build_tiny(family), PMoEConfig.paper(tau=2, rank=2, alpha=4, **kw))
     for _ in range(experts):
         pmoe.add_task()
     return pmoe

@@ -8,6 +8,7 @@ from typing import Any
 
 from moecl.data.names import check_task_name
 from moecl.evaluation.continual import BWT_CONVENTIONS
+from moecl.models.pmoe_config import PMoEConfig
 
 METHOD_NAMES = (
     "pmoe",
@@ -373,12 +374,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # target modules stay the stream's validated defaults, so a comparison isolates the router.
     "pmoe-paper": dict(
         method="pmoe",
-        router_norm=False,
-        expert_init="zero",
-        router_init="zero",
-        freeze_router=False,
-        router_align=False,
-        router_detach=False,
+        **{
+            name: getattr(PMoEConfig.paper(), name)
+            for name in ("router_norm", "expert_init", "router_init", "freeze_router", "router_align", "router_detach")
+        },
         lambda_route=0.0,
         lambda_route_distill=0.0,
         router_lr=None,
