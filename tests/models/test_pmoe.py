@@ -199,10 +199,21 @@ def test_loading_onto_a_different_base_model_is_refused(tmp_path):
         PMoEModel.from_pretrained(build_tiny("llama"), tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("tau", [5, -1, 1.5, True])
-def test_tau_outside_range_is_refused(tau):
+@pytest.mark.parametrize("tau", [5, -1, 1.5, True, 1.0, 0.0, "half"])
+def test_tau_outside_range_or_ambiguous_is_refused(tau):
     with pytest.raises(ValueError, match="tau"):
         PMoEModel(build_tiny("llama"), PMoEConfig(tau=tau))
+
+
+def test_tau_all_is_every_block_and_old_folders_saved_with_one_point_zero_still_load(tmp_path):
+    pmoe = PMoEModel(build_tiny("llama"), PMoEConfig(tau="all", gate="sum"))
+    assert pmoe.tau == pmoe.num_blocks == 4 and PMoEModel(build_tiny("llama"), PMoEConfig(tau=1)).tau == 1
+    pmoe.add_task()
+    pmoe.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta["pmoe"]["tau"] = 1.0  # how a folder written before the refusal said "every block"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    assert PMoEModel.from_pretrained(build_tiny("llama"), tmp_path).tau == 4
 
 
 def test_unknown_target_module_lists_the_ones_that_exist():

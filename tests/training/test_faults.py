@@ -148,8 +148,10 @@ def test_task_names_given_on_the_command_line_are_checked_too(cli, tmp_path):
     [
         (["rank=0"], "rank must be at least 1"),
         (["lr=-0.003"], "lr must be a positive number"),
-        (["tau=1.5"], "tau is a block count"),
-        (["tau=-0.5"], "tau is a block count"),
+        (["tau=1.5"], "is a fraction outside"),
+        (["tau=-0.5"], "is a fraction outside"),
+        (["tau=1.0"], "ambiguous"),
+        (["tau=half"], "'half' is not a number"),
         (["batch_size=8", "micro_batch_size=3"], "not a multiple of micro_batch_size"),
         (["model=no-such-model"], "no such folder"),
         (["epochs=2.5"], "epochs=2.5 is not of type int"),

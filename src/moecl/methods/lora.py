@@ -30,7 +30,7 @@ from moecl.training.batches import Collator
 class _FixedGateMethod(PMoEMethod):
     """PMoE's adapters without its router: no router loss, no gate to report."""
 
-    tau: float = 0.0
+    tau: int | str = 0
     gate = "sum"
 
     def adapter_config(self) -> PMoEConfig:
@@ -44,7 +44,7 @@ class SeqLoRAMethod(_FixedGateMethod):
     """One LoRA on the target projections of every block, trained on each task in turn."""
 
     name = "seq-lora"
-    tau = 1.0
+    tau = "all"
 
     def before_task(self, model: PMoEModel, task_index: int, examples: list[Example], collator: Collator) -> None:
         """The one adapter exists from ``wrap`` on and keeps training."""

@@ -183,7 +183,10 @@ class AdapterModel(nn.Module):
         if not isinstance(tasks, int) or isinstance(tasks, bool) or tasks < 0:
             raise ValueError(f"{config_path}: field {cls.TASKS_KEY!r} is {tasks!r}, expected a count >= 0")
         stored = stored_elements(weights_path)  # the header only: a false count fails before it is built
-        model = cls(base_model, cls.CONFIG(**meta[cls.CONFIG_KEY]))
+        saved = meta[cls.CONFIG_KEY]
+        model = cls(
+            base_model, cls.CONFIG.from_saved(saved) if hasattr(cls.CONFIG, "from_saved") else cls.CONFIG(**saved)
+        )
         for built in range(tasks):
             model.add_task()
             own = sum(v.numel() for k, v in saved_state_dict(model).items() if k not in cls.OPTIONAL_KEYS)

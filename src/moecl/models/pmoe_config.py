@@ -19,8 +19,11 @@ class PMoEConfig:
     aligned new ones, a detached router input); :meth:`paper` gives the paper's own.
 
     Args:
-        tau: last shallow block. An int ``0..N`` counts blocks (the paper: 24 of 32); a float in
-            ``[0, 1]`` is a fraction of ``N``, rounded to the nearest block (0.75 -> 24 of 32).
+        tau: last shallow block. An int ``0..N`` counts blocks (the paper: 24 of 32); a float
+            strictly between 0 and 1 is a fraction of ``N``, rounded to the nearest block (0.75 ->
+            24 of 32); ``"all"``: every block shallow (no expert banks). ``0.0`` and ``1.0`` are
+            refused: written as floats they read as "no block" and "one block" to one reader and
+            as fractions to another; write ``0``, ``1`` or ``"all"``.
             Blocks ``1..tau`` share one LoRA; blocks ``tau+1..N`` hold the expert banks; the
             router reads the hidden state block ``tau`` outputs (the embeddings when 0).
         rank: LoRA rank ``r`` of the shallow adapter and of every expert (the paper: 4).
@@ -60,7 +63,7 @@ class PMoEConfig:
             (the paper): one graph.
     """
 
-    tau: int | float = 0.75
+    tau: int | float | str = 0.75
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -96,15 +99,7 @@ class PMoEConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if not 0.0 < self.router_share < 1.0:
             raise ValueError(f"router_share is the new expert's gate at growth, in (0, 1); got {self.router_share!r}")
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
-            raise ValueError(f"tau must be an int (blocks) or a float fraction in [0, 1], got {self.tau!r}")
-        if isinstance(self.tau, float) and not 0.0 <= self.tau <= 1.0:
-            raise ValueError(
-                f"tau={self.tau} is a fraction outside [0, 1]; give a fraction of the blocks (0.75) "
-                "or an int number of shallow blocks (24)"
-            )
-        if isinstance(self.tau, int) and self.tau < 0:
-            raise ValueError(f"tau={self.tau} is negative; it counts shallow blocks, 0..N")
+        check_tau(self.tau)
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
         if not self.alpha > 0:
@@ -120,7 +115,13 @@ class PMoEConfig:
 
     def shallow_blocks(self, num_blocks: int) -> int:
         """``tau`` as a number of blocks for a model with ``num_blocks`` decoder blocks."""
-        tau = round(self.tau * num_blocks) if isinstance(self.tau, float) else self.tau
+        tau = (
+            num_blocks
+            if self.tau == "all"
+            else round(self.tau * num_blocks)
+            if isinstance(self.tau, float)
+            else self.tau
+        )
         if not 0 <= tau <= num_blocks:
             raise ValueError(
                 f"tau={self.tau} is outside 0..{num_blocks}: the model has {num_blocks} decoder blocks; "
@@ -130,3 +131,35 @@ class PMoEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> PMoEConfig:
+        """The config of a saved folder; folders written before ``tau`` refused 0.0 and 1.0 meant
+        by them 0 blocks and every block."""
+        tau = saved.get("tau")
+        if isinstance(tau, float) and tau in (0.0, 1.0):
+            saved = {**saved, "tau": 0 if tau == 0.0 else "all"}
+        return cls(**saved)
+
+
+def check_tau(tau: Any) -> None:
+    """Refuse a ``tau`` a reader could misread (see :class:`PMoEConfig`)."""
+    if tau == "all" and isinstance(tau, str):
+        return
+    if isinstance(tau, bool) or not isinstance(tau, int | float):
+        raise ValueError(
+            f"tau={tau!r}: give an int number of shallow blocks (24), a fraction strictly between 0 and 1 "
+            "(0.75), or all"
+        )
+    if isinstance(tau, float) and tau in (0.0, 1.0):
+        raise ValueError(
+            f"tau={tau} is ambiguous (no block, one block, or every block?): write 0 for no shallow block, 1 "
+            "for one, all for every block, or a fraction strictly between 0 and 1"
+        )
+    if isinstance(tau, float) and not 0.0 < tau < 1.0:
+        raise ValueError(
+            f"tau={tau} is a fraction outside (0, 1); give a fraction of the blocks (0.75), an int number of "
+            "shallow blocks (24), or all"
+        )
+    if isinstance(tau, int) and tau < 0:
+        raise ValueError(f"tau={tau} is negative; it counts shallow blocks, 0..N")

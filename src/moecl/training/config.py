@@ -8,7 +8,7 @@ from typing import Any
 
 from moecl.data.names import check_task_name
 from moecl.evaluation.continual import BWT_CONVENTIONS
-from moecl.models.pmoe_config import PMoEConfig
+from moecl.models.pmoe_config import PMoEConfig, check_tau
 
 METHOD_NAMES = (
     "pmoe",
@@ -133,7 +133,11 @@ class RunConfig:
     new_per_task: int = _opt(2, "moses: sub-experts each later task may open (earlier ones stay selectable)")
     icl_shots: int = _opt(6, "icl: demonstrations per prompt, drawn from the task's training split")
     icl_max_prompt_tokens: int = _opt(2048, "icl: demonstrations are dropped until the prompt fits this many tokens")
-    tau: float | int = _opt(0.75, "PMoE: last shallow block, an int (blocks) or a float fraction of them")
+    tau: float | int | str = _opt(
+        0.75,
+        "PMoE: the last shallow block: an int counts blocks (24), a fraction strictly between 0 and 1 takes that "
+        "share of them (0.75), all: every block; 0.0 and 1.0 are refused as ambiguous (write 0, 1 or all)",
+    )
     rank: int = _opt(8, "LoRA rank")
     alpha: float = _opt(16.0, "LoRA alpha (deltas scaled by alpha / rank)")
     router_norm: bool = _opt(True, "PMoE: RMS-normalise the router's input h_tau (off: the paper's literal Eq. 4)")
@@ -228,10 +232,7 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value}")
-        if (isinstance(self.tau, float) and not 0 <= self.tau <= 1) or (isinstance(self.tau, int) and self.tau < 0):
-            raise ValueError(
-                f"tau is a block count (an int >= 0) or a fraction of the blocks in [0, 1], got {self.tau}"
-            )
+        check_tau(self.tau)
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}: the "
@@ -324,15 +325,17 @@ def check_type(name: str, annotation: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r}: give a finite number")
 
 
-def _number(text: str) -> int | float:
-    """``"24"`` -> 24 blocks, ``"0.75"`` -> a fraction: the type carries the meaning for tau."""
+def _number(text: str) -> int | float | str:
+    """``"24"`` -> 24 blocks, ``"0.75"`` -> a fraction, ``"all"`` -> every block (tau)."""
+    if text.strip() == "all":
+        return "all"
     return float(text) if any(c in text for c in ".eE") else int(text)
 
 
 def converter(annotation: str):
     if "list" in annotation or annotation.startswith("str"):
         return str
-    if annotation.startswith("float | int"):
+    if annotation.startswith("float | int | str"):
         return _number
     if annotation.startswith("int"):
         return int
