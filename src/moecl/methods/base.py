@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,8 +24,23 @@ from moecl.data.trace import Example, Task
 from moecl.training.batches import Collator
 from moecl.training.config import RunConfig
 
-if TYPE_CHECKING:
-    from moecl.training.run import Run
+
+@dataclass
+class ReportContext:
+    """What a method's :meth:`Method.report` may use of the run, and no more.
+
+    Attributes:
+        tasks: the stream, in order.
+        score: ``score(model, task, label)``, the model's mean score on the task's scored split
+            (generation and metric as every other score of the run; ``label`` names it in progress).
+        main: whether this process writes files (one of several under ``accelerate launch``).
+        out: the run folder, for the files a method documents as its own (``transfer.json``).
+    """
+
+    tasks: list[Task]
+    score: Callable[[nn.Module, Task, str], float]
+    main: bool
+    out: Path
 
 
 class Method:
@@ -102,7 +118,7 @@ class Method:
     def load(self, base_model: PreTrainedModel, directory: Path) -> nn.Module:
         raise NotImplementedError(f"method {self.name!r} does not define how to resume itself")
 
-    def report(self, run: Run, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    def report(self, context: ReportContext, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         """The method's own entries of ``results.json``, computed once the stream is done."""
         return {}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -11,12 +11,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from moecl.data.trace import Example
 from moecl.evaluation.generation import prompt_batches
 from moecl.io import atomic_write_json
-from moecl.methods.base import Method
+from moecl.methods.base import Method, ReportContext
 from moecl.models.moses import MoSEsConfig, MoSEsModel
 from moecl.training.batches import Collator
-
-if TYPE_CHECKING:
-    from moecl.training.run import Run
 
 
 class MoSEsMethod(Method):
@@ -77,10 +74,10 @@ class MoSEsMethod(Method):
     def load(self, base_model: PreTrainedModel, directory: Path) -> MoSEsModel:
         return MoSEsModel.from_pretrained(base_model, directory)
 
-    def report(self, run: Run, model: MoSEsModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    def report(self, context: ReportContext, model: MoSEsModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         """Capacity per task, task inference on each test set, and the transfer matrix: score on
         task ``j`` routed as task ``i`` (``transfer[i][j]``), written as JSON and PNG too."""
-        tasks = run.tasks
+        tasks = context.tasks
         confusion = [[0] * len(tasks) for _ in tasks]  # [true][inferred], over test prompts
         c, device = self.config, next(model.parameters()).device
         for j, task in enumerate(tasks):
@@ -93,16 +90,16 @@ class MoSEsMethod(Method):
         model.infer_tasks = False
         for i in range(len(tasks)):
             model.given_task = i
-            transfer.append([run.evaluate(model, tokenizer, task, None, f"routed-as-{i}")[0] for task in tasks])
+            transfer.append([context.score(model, task, f"routed-as-{i}") for task in tasks])
         report = {
             "task_id": self.config.task_id,
             "capacity": model.capacity(),
             "task_inference": {"confusion": confusion, "accuracy": accuracy},
             "transfer": transfer,
         }
-        if run.main:
-            atomic_write_json(run.out / "transfer.json", {"tasks": [t.name for t in tasks], **report})
-            plot_transfer(transfer, confusion, [t.name for t in tasks], run.out / "transfer.png")
+        if context.main:
+            atomic_write_json(context.out / "transfer.json", {"tasks": [t.name for t in tasks], **report})
+            plot_transfer(transfer, confusion, [t.name for t in tasks], context.out / "transfer.png")
         return report
 
 

@@ -40,7 +40,7 @@ from moecl.evaluation.generation import generate, max_new_tokens_for, score_pred
 from moecl.evaluation.routing import Allocation, gate_summary, own_expert_gates
 from moecl.io import atomic_write_json, atomic_write_text
 from moecl.methods import METHODS
-from moecl.methods.base import Method
+from moecl.methods.base import Method, ReportContext
 from moecl.models.loading import cache_dir, check_model_name, load_model, resolve_dtype
 from moecl.reports.plots import plot_allocation_phases
 from moecl.reports.progress import make_progress
@@ -245,6 +245,14 @@ class Run:
             gates.extend(gather(acc, local_gates))
         progress.remove_task(bar)
         return sum(p["score"] for p in preds) / len(preds), preds
+
+    def report_context(self, tokenizer) -> ReportContext:
+        """The narrow view of this run a method's report gets."""
+
+        def score(model: torch.nn.Module, task: Task, label: str) -> float:
+            return self.evaluate(model, tokenizer, task, None, label)[0]
+
+        return ReportContext(self.tasks, score, self.main, self.out)
 
     def max_new_tokens(self, task: Task, tokenizer) -> int:
         return self.config.max_new_tokens or max_new_tokens_for(task, tokenizer, self.config.max_answer_tokens)
@@ -517,7 +525,7 @@ class Run:
             "eval_split": cfg.eval_split,
             "floors": self.state["floors"],
             **routing_results(self.state.get("allocation")),
-            **self.method.report(self, model, tokenizer),
+            **self.method.report(self.report_context(tokenizer), model, tokenizer),
             "kernels": {"requested": cfg.kernels, **self.applied.to_json(), "process": self.process_settings},
             "seed": cfg.seed,
             "trainable_params": trainable,
