@@ -87,7 +87,7 @@ def test_task_gate_uses_only_the_active_tasks_adapter_and_sum_gate_adds_them():
 
 def test_earlier_olora_adapters_stay_bit_identical(tmp_path, monkeypatch):
     results, out = _run(tmp_path, monkeypatch, method="o-lora", lambda_l2=0.1, weight_decay=0.1, replay=0.25)
-    after = [load_file(str(out / "checkpoints" / f"task-{t}" / "adapter_model.safetensors")) for t in range(3)]
+    after = [load_file(str(out / "checkpoints" / f"task-{t}" / "moecl_adapter.safetensors")) for t in range(3)]
     q = next(k for k in after[0] if k.endswith("q_proj.experts_A")).rpartition(".")[0]
     r = after[0][f"{q}.experts_A"].shape[0]  # one adapter per task, all stacked on disk
     for t in (1, 2):

@@ -219,7 +219,7 @@ def test_loramoe_saves_and_loads_to_the_same_outputs():
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         again = LoRAMoEModel.from_pretrained(build_tiny("llama"), folder)
-        assert json.loads((Path(folder) / "adapter_config.json").read_text())["format"] == "moecl.loramoe"
+        assert json.loads((Path(folder) / "moecl_adapter.json").read_text())["format"] == "moecl.loramoe"
     assert again.num_tasks == 1
     torch.testing.assert_close(again(input_ids=ids).logits, expected)
 

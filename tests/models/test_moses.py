@@ -106,7 +106,7 @@ def test_run_isolates_finished_tasks_grows_sub_linearly_and_reproduces_scores(tm
     assert [results["transfer"][i][i] for i in range(T)] == R[-1]
     capacity = results["capacity"]
     assert len(capacity) == T and capacity[0] < capacity[1] < capacity[2] < T * capacity[0]
-    after = [load_file(str(out / "checkpoints" / f"task-{t}" / "adapter_model.safetensors")) for t in range(T)]
+    after = [load_file(str(out / "checkpoints" / f"task-{t}" / "moecl_adapter.safetensors")) for t in range(T)]
     key = next(k for k in after[0] if k.endswith("q_proj.experts_A")).rpartition(".")[0]
     r = 2  # every sub-expert of every task in one stack, whichever trained when it was saved
     assert after[0][f"{key}.experts_A"].shape[0] == 4 * r  # the 4 sub-experts of task 0

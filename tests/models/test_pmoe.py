@@ -168,7 +168,7 @@ def test_save_load_round_trip_gives_identical_logits_and_router_probs(family, tm
     pmoe = _pmoe(family, experts=3)
     perturb_adapters(pmoe)
     pmoe.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moecl_adapter.json", "moecl_adapter.safetensors"]
     loaded = PMoEModel.from_pretrained(build_tiny(family), tmp_path)
     assert loaded.num_experts == 3 and _trainable_names(loaded) == _trainable_names(pmoe)
     ids, mask, _ = _left_padded_batch()
@@ -185,14 +185,14 @@ def test_loading_onto_a_different_base_model_is_refused(tmp_path):
         PMoEModel.from_pretrained(build_tiny("llama", layers=2), tmp_path)
     with pytest.raises(ValueError, match="model_type='llama'"):
         PMoEModel.from_pretrained(build_tiny("qwen2"), tmp_path)
-    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / "moecl_adapter.json").read_text())
     meta["num_experts"] = 2
-    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    (tmp_path / "moecl_adapter.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="num_experts is 2, but .* holds the tensors of at most 1"):
         PMoEModel.from_pretrained(build_tiny("llama"), tmp_path)
     meta["num_experts"], meta["target_modules"] = 1, ["q_proj", "v_proj", "k_proj"]
     meta["pmoe"]["target_modules"] = meta["target_modules"]
-    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    (tmp_path / "moecl_adapter.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="does not match.*missing.*k_proj"):
         PMoEModel.from_pretrained(build_tiny("llama"), tmp_path)
     with pytest.raises(ValueError, match="not a saved PMoE"):
@@ -210,9 +210,9 @@ def test_tau_all_is_every_block_and_old_folders_saved_with_one_point_zero_still_
     assert pmoe.tau == pmoe.num_blocks == 4 and PMoEModel(build_tiny("llama"), PMoEConfig(tau=1)).tau == 1
     pmoe.add_task()
     pmoe.save_pretrained(tmp_path)
-    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / "moecl_adapter.json").read_text())
     meta["pmoe"]["tau"] = 1.0  # how a folder written before the refusal said "every block"
-    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    (tmp_path / "moecl_adapter.json").write_text(json.dumps(meta))
     assert PMoEModel.from_pretrained(build_tiny("llama"), tmp_path).tau == 4
 
 
@@ -239,7 +239,7 @@ def test_all_linear_adapts_every_linear_layer_of_the_blocks_and_saves_their_name
     assert set(pmoe.target_modules) == leaves == {n.rsplit(".", 1)[1] for n in wrapped}
     assert len(wrapped) == 4 * len(paths) > 4 * 2  # more than q and v in each of the 4 blocks
     pmoe.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    saved = json.loads((tmp_path / "moecl_adapter.json").read_text())
     assert saved["target_modules"] == pmoe.target_modules != ["all-linear"]
     assert RunConfig().target_modules == ["all-linear"] and RunConfig(method="moses").target_modules is None
 
@@ -360,3 +360,22 @@ def test_the_default_config_is_what_moecl_run_builds_and_paper_is_the_papers():
     preset = PMoEMethod(RunConfig(**{k: v for k, v in PRESETS["pmoe-paper"].items()})).adapter_config()
     router_fields = ("router_norm", "expert_init", "router_init", "freeze_router", "router_align", "router_detach")
     assert all(getattr(preset, f) == getattr(paper, f) for f in router_fields)
+
+
+def test_saved_folders_use_moecl_names_and_neither_library_mistakes_the_others(tmp_path):
+    peft = pytest.importorskip("peft")
+    pmoe = _pmoe("llama", experts=1)
+    pmoe.save_pretrained(tmp_path / "ours")
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["moecl_adapter.json", "moecl_adapter.safetensors"]
+    with pytest.raises(ValueError):  # PEFT finds no adapter_config.json: not its folder
+        peft.PeftConfig.from_pretrained(str(tmp_path / "ours"))
+    theirs = peft.get_peft_model(build_tiny("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    theirs.save_pretrained(tmp_path / "peft")
+    with pytest.raises(ValueError, match="is a PEFT adapter folder .* peft.PeftModel.from_pretrained"):
+        PMoEModel.from_pretrained(build_tiny("llama"), tmp_path / "peft")
+    # A folder saved by an earlier moecl under PEFT's names, in moecl's schema, still loads.
+    (tmp_path / "ours" / "moecl_adapter.json").rename(tmp_path / "ours" / "adapter_config.json")
+    (tmp_path / "ours" / "moecl_adapter.safetensors").rename(tmp_path / "ours" / "adapter_model.safetensors")
+    again = PMoEModel.from_pretrained(build_tiny("llama"), tmp_path / "ours")
+    ids = random_tokens(2, 5)
+    torch.testing.assert_close(again(input_ids=ids).logits, pmoe(input_ids=ids).logits)

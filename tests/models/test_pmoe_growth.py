@@ -129,7 +129,7 @@ def test_grown_models_round_trip_and_old_folders_without_offsets_still_load(tmp_
     old.save_pretrained(tmp_path / "old")
     weights = _legacy_layout(old)
     del weights["router.frozen"], weights["router.bias"]
-    save_file(weights, str(tmp_path / "old" / "adapter_model.safetensors"))
+    save_file(weights, str(tmp_path / "old" / "moecl_adapter.safetensors"))
     reloaded = PMoEModel.from_pretrained(build_tiny("llama"), tmp_path / "old")
     assert torch.equal(reloaded(input_ids=ids).logits, old(input_ids=ids).logits)
 
@@ -146,9 +146,9 @@ def test_experts_are_saved_as_one_stack_whichever_trains_and_old_split_folders_l
     pmoe = _pmoe(3, freeze_router=True)
     perturb_adapters(pmoe)
     pmoe.save_pretrained(tmp_path / "new")
-    weights = load_file(str(tmp_path / "new" / "adapter_model.safetensors"))
+    weights = load_file(str(tmp_path / "new" / "moecl_adapter.safetensors"))
     bank_name, bank = next((n, m) for n, m in pmoe.named_modules() if isinstance(m, LoRAExpertBank))
-    r = pmoe.config.rank
+    r = pmoe.adapter_config.rank
     assert not any(k.endswith(("frozen_A", "expert_A", "router.weight", "router.frozen")) for k in weights)
     assert weights[f"{bank_name}.experts_A"].shape == (3 * r, bank.in_features)
     assert torch.equal(weights[f"{bank_name}.experts_A"][2 * r :], bank.expert_A)  # the training one, last
@@ -156,7 +156,7 @@ def test_experts_are_saved_as_one_stack_whichever_trains_and_old_split_folders_l
     assert torch.equal(weights["router.columns"], pmoe.router.columns())
     # The folder the same model wrote before the stacked layout loads to the same model.
     pmoe.save_pretrained(tmp_path / "old")
-    save_file(_legacy_layout(pmoe), str(tmp_path / "old" / "adapter_model.safetensors"))
+    save_file(_legacy_layout(pmoe), str(tmp_path / "old" / "moecl_adapter.safetensors"))
     ids = random_tokens(2, 5)
     for folder in ("new", "old"):
         loaded = PMoEModel.from_pretrained(build_tiny("llama"), tmp_path / folder)

@@ -240,7 +240,7 @@ def test_a_log_line_cut_by_a_crash_is_dropped_on_resume(cli, tmp_path, monkeypat
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_with_the_same_numbers(tmp_path, monkeypatch):
     straight, _ = tiny_run(tmp_path, monkeypatch, "straight")
     _, out = tiny_run(tmp_path, monkeypatch, "damaged")
-    weights = out / "checkpoints" / "task-2" / "adapter_model.safetensors"
+    weights = out / "checkpoints" / "task-2" / "moecl_adapter.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     (out / "results.json").unlink()
     lines = []
@@ -333,9 +333,9 @@ def test_an_adapter_config_claiming_too_many_experts_fails_before_building_them(
 
     _, out = tiny_run(tmp_path, monkeypatch, "run")
     folder = out / "checkpoints" / "task-2"
-    meta = json.loads((folder / "adapter_config.json").read_text())
+    meta = json.loads((folder / "moecl_adapter.json").read_text())
     meta["num_experts"] = 3000
-    (folder / "adapter_config.json").write_text(json.dumps(meta))
+    (folder / "moecl_adapter.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="num_experts is 3000, but .* holds the tensors of at most 3"):
         PMoEModel.from_pretrained(tiny_random()[0], folder)
 
@@ -344,7 +344,7 @@ def test_checkpoints_are_written_with_the_usual_file_mode(tmp_path, monkeypatch)
     _, out = tiny_run(tmp_path, monkeypatch, "run")
     mask = os.umask(0o022)
     os.umask(mask)
-    mode = (out / "checkpoints" / "task-0" / "adapter_model.safetensors").stat().st_mode & 0o777
+    mode = (out / "checkpoints" / "task-0" / "moecl_adapter.safetensors").stat().st_mode & 0o777
     assert mode == 0o666 & ~mask
 
 

@@ -185,8 +185,8 @@ def test_mid_task_checkpoints_resume_after_sigkill_to_the_same_numbers(tmp_path)
     assert f"after its optimizer step {partial['step']}" in resumed.stdout
     assert _numbers(killed) == _numbers(straight)
     for t in range(4):
-        a = load_file(str(straight / "checkpoints" / f"task-{t}" / "adapter_model.safetensors"))
-        b = load_file(str(killed / "checkpoints" / f"task-{t}" / "adapter_model.safetensors"))
+        a = load_file(str(straight / "checkpoints" / f"task-{t}" / "moecl_adapter.safetensors"))
+        b = load_file(str(killed / "checkpoints" / f"task-{t}" / "moecl_adapter.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
     expected = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]

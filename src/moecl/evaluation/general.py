@@ -476,9 +476,9 @@ def manifest(benchmark: str, limit: int | None, seed: int = 0, root: Path | None
 
 
 class LMView(nn.Module):
-    """What lm-eval's ``HFLM`` needs of a model: the adapted model's forward (adapters, router,
-    task routing) with the base model's Hugging Face config. ``HFLM`` reads ``config`` for the
-    context length and vocabulary, and ours holds the adapter settings under that name."""
+    """What lm-eval's ``HFLM`` needs of a model: the adapted model's forward and generation
+    (adapters, router, task routing), the base model's Hugging Face config (context length and
+    vocabulary), its name, device and a ``tie_weights`` that leaves the loaded weights alone."""
 
     def __init__(self, model: nn.Module, base_model: PreTrainedModel):
         super().__init__()

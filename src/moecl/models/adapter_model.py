@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -22,8 +21,7 @@ from moecl.adapters.lora import LINEAR_TYPES
 from moecl.adapters.state import ADAPTER_TYPES, named_adapter_parameters, parameter_counts, saved_state_dict
 from moecl.models.architectures import check_causal_lm, decoder_blocks, default_target_modules
 from moecl.models.persistence import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
+    adapter_files,
     load_adapters,
     read_adapter_meta,
     save_adapters,
@@ -54,7 +52,9 @@ class AdapterModel(nn.Module):
 
     A subclass names its saved ``FORMAT``, its ``CONFIG`` dataclass with the JSON key it is saved
     under (``CONFIG_KEY``), and the meta key counting its grown tasks (``TASKS_KEY``), and
-    provides ``config``, ``add_task()`` and ``num_tasks``.
+    provides ``adapter_config``, ``add_task()`` and ``num_tasks``. ``config`` is the base model's
+    Hugging Face config, as on any Hugging Face model (PEFT keeps its own as ``peft_config`` the
+    same way).
     """
 
     FORMAT: ClassVar[str]
@@ -81,6 +81,11 @@ class AdapterModel(nn.Module):
         self.target_modules = targets
         self._check_targets()
         self._forward_params = set(inspect.signature(base_model.forward).parameters)
+
+    @property
+    def config(self) -> Any:
+        """The base model's Hugging Face config (the adapters' own is :attr:`adapter_config`)."""
+        return self.base_model.config
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -160,16 +165,16 @@ class AdapterModel(nn.Module):
     # -- persistence ---------------------------------------------------------------------------
 
     def save_meta(self) -> dict[str, Any]:
-        """What ``adapter_config.json`` holds besides the base model's description."""
+        """What ``moecl_adapter.json`` holds besides the base model's description."""
         return {
             "format": self.FORMAT,
-            self.CONFIG_KEY: self.config.to_dict(),
+            self.CONFIG_KEY: self.adapter_config.to_dict(),
             "target_modules": self.target_modules,
             self.TASKS_KEY: self.num_tasks,
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter tensors only),
+        """Write ``moecl_adapter.json`` and ``moecl_adapter.safetensors`` (adapter tensors only),
         atomically."""
         save_adapters(self, save_directory, self.save_meta())
 
@@ -178,7 +183,7 @@ class AdapterModel(nn.Module):
         """Rebuild saved adapters on ``base_model``: same structure, same tensors; the newest
         task's adapters are trainable, as when saved."""
         meta = read_adapter_meta(directory, cls.FORMAT, cls.__name__.removesuffix("Model"))
-        config_path, weights_path = Path(directory) / CONFIG_NAME, Path(directory) / WEIGHTS_NAME
+        config_path, weights_path = adapter_files(directory)
         tasks = meta.get(cls.TASKS_KEY)
         if not isinstance(tasks, int) or isinstance(tasks, bool) or tasks < 0:
             raise ValueError(f"{config_path}: field {cls.TASKS_KEY!r} is {tasks!r}, expected a count >= 0")

@@ -64,7 +64,7 @@ def export_peft(model: PMoEModel, gate: torch.Tensor, out: Path, base_name: str 
     with ``peft.PeftModel.from_pretrained(base_model, out)`` onto the same base model."""
     _check_linear(model)
     factors = lora_factors(model, gate)
-    rank, alpha = model.config.rank, model.config.alpha
+    rank, alpha = model.adapter_config.rank, model.adapter_config.alpha
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
     for name, (a, b, _scale) in factors.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous().cpu()

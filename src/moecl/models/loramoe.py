@@ -47,9 +47,9 @@ class LoRAMoEModel(AdapterModel):
     CONFIG_KEY = "loramoe"
 
     def __init__(self, base_model: PreTrainedModel, config: LoRAMoEConfig | None = None):
-        self.config = config or LoRAMoEConfig()
-        super().__init__(base_model, self.config.target_modules)
-        c = self.config
+        self.adapter_config = config or LoRAMoEConfig()
+        super().__init__(base_model, self.adapter_config.target_modules)
+        c = self.adapter_config
         self.wrap_targets(lambda _i, layer: LoRAMixtureLinear(layer, c.rank, c.alpha, c.experts, c.dropout))
         self._tasks = 0
 

@@ -85,9 +85,9 @@ class MoSEsModel(AdapterModel):
     CONFIG_KEY = "moses"
 
     def __init__(self, base_model: PreTrainedModel, config: MoSEsConfig | None = None):
-        self.config = config or MoSEsConfig()
-        super().__init__(base_model, self.config.target_modules)
-        cfg = self.config
+        self.adapter_config = config or MoSEsConfig()
+        super().__init__(base_model, self.adapter_config.target_modules)
+        cfg = self.adapter_config
         self.routing = TaskRouting()
         self.given_task: int | None = None
         self.infer_tasks = False
@@ -114,7 +114,7 @@ class MoSEsModel(AdapterModel):
     def add_task(self) -> int:
         """Open task ``t``'s sub-experts (its budget) and routing row in every pool; freeze task
         ``t-1``'s. Returns ``t``."""
-        count = self.config.initial_experts if self.num_tasks == 0 else self.config.new_per_task
+        count = self.adapter_config.initial_experts if self.num_tasks == 0 else self.adapter_config.new_per_task
         for bank in self.banks():
             bank.add_expert(count)
             bank.gate.add_task(count)
@@ -126,10 +126,10 @@ class MoSEsModel(AdapterModel):
         bias rows, its prototype key (the paper's "model capacity" curve)."""
         sizes = []
         for t in range(self.num_tasks):
-            pool = self.config.experts_after(t)
-            rows = sum(self.config.experts_after(s) for s in range(t + 1))
+            pool = self.adapter_config.experts_after(t)
+            rows = sum(self.adapter_config.experts_after(s) for s in range(t + 1))
             per_bank = [
-                pool * (self.config.rank * (b.in_features + b.out_features) + b.in_features) + rows
+                pool * (self.adapter_config.rank * (b.in_features + b.out_features) + b.in_features) + rows
                 for b in self.banks()
             ]
             sizes.append(sum(per_bank) + (t + 1) * self.prototypes.keys.shape[1])

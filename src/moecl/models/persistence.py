@@ -1,4 +1,4 @@
-"""Adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``), shared by every
+"""Adapter folders (``moecl_adapter.json`` + ``moecl_adapter.safetensors``), shared by every
 adapter model: atomic writes, and loads that name what disagrees and what to do."""
 
 from __future__ import annotations
@@ -16,8 +16,33 @@ from moecl.adapters.state import load_saved_state, saved_state_dict, upgrade_leg
 from moecl.io import atomic_path, atomic_write_json
 from moecl.models.architectures import decoder_blocks, hidden_size
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "moecl_adapter.json"
+WEIGHTS_NAME = "moecl_adapter.safetensors"
+"""moecl's own file names: a folder in PEFT's schema (``moecl export``) uses PEFT's names, so
+neither library mistakes the other's folder for its own."""
+LEGACY_NAMES = ("adapter_config.json", "adapter_model.safetensors")
+"""The names folders written by earlier moecl versions used (PEFT's, with moecl's schema)."""
+
+
+def adapter_files(directory: str | Path) -> tuple[Path, Path]:
+    """``(config, weights)`` paths of the adapter folder ``directory``: moecl's names, or the
+    earlier ones when only those hold a moecl config."""
+    directory = Path(directory)
+    config, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    legacy = directory / LEGACY_NAMES[0]
+    if not config.is_file() and legacy.is_file():
+        try:
+            saved = json.loads(legacy.read_text())
+        except (ValueError, OSError):
+            saved = {}
+        if isinstance(saved, dict) and "peft_type" in saved:
+            raise ValueError(
+                f"{directory} is a PEFT adapter folder (peft_type {saved['peft_type']}), not a moecl one: load it "
+                "with peft.PeftModel.from_pretrained; moecl's folders hold moecl_adapter.json"
+            )
+        if isinstance(saved, dict) and str(saved.get("format", "")).startswith("moecl."):
+            return legacy, directory / LEGACY_NAMES[1]
+    return config, weights
 
 
 def describe_base(base_model: PreTrainedModel) -> dict[str, Any]:
@@ -48,8 +73,8 @@ def save_adapters(model: nn.Module, directory: str | Path, meta: dict[str, Any])
 
 
 def read_adapter_meta(directory: str | Path, expected_format: str, kind: str) -> dict[str, Any]:
-    """The saved ``adapter_config.json``, checked to be of ``expected_format`` (a ``kind`` model)."""
-    config_path = Path(directory) / CONFIG_NAME
+    """The saved ``moecl_adapter.json``, checked to be of ``expected_format`` (a ``kind`` model)."""
+    config_path, _ = adapter_files(directory)
     if not config_path.is_file():
         raise ValueError(f"{config_path} not found: {directory} is not a saved {kind} adapter directory")
     try:
@@ -82,7 +107,7 @@ def load_adapters(
     ``optional`` (tensors newer than some saved folders) keep the model's value when absent.
     Folders from before the stacked expert layout (``frozen_A``/``expert_A``...) load as well."""
     directory = Path(directory)
-    config_path = directory / CONFIG_NAME
+    config_path, weights_path = adapter_files(directory)
     expected, actual = meta["base_model"], describe_base(model.base_model)
     for key in ("model_type", "num_blocks", "hidden_size", "vocab_size"):
         if expected.get(key) != actual[key]:
@@ -91,19 +116,19 @@ def load_adapters(
                 f"({expected.get('name_or_path') or expected.get('architecture')}), but the given base "
                 f"model has {key}={actual[key]!r}; load them onto the base model they were trained on"
             )
-    weights = load_file(str(directory / WEIGHTS_NAME))
+    weights = load_file(str(weights_path))
     upgrade_legacy_names(model, weights)
     own = {k: v for k, v in saved_state_dict(model).items() if k in weights or k not in optional}
     if set(weights) != set(own):
         missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
         raise ValueError(
-            f"{directory / WEIGHTS_NAME} does not match {config_path}: missing {missing[:5]}, "
+            f"{weights_path} does not match {config_path}: missing {missing[:5]}, "
             f"unexpected {extra[:5]}; the directory mixes files of different runs"
         )
     for key, tensor in own.items():
         if weights[key].shape != tensor.shape:
             raise ValueError(
-                f"{directory / WEIGHTS_NAME}: tensor {key} has shape {tuple(weights[key].shape)}, "
+                f"{weights_path}: tensor {key} has shape {tuple(weights[key].shape)}, "
                 f"the model expects {tuple(tensor.shape)}; the config and weights disagree"
             )
     load_saved_state(model, weights)

@@ -60,9 +60,9 @@ class PMoEModel(AdapterModel):
     OPTIONAL_KEYS = frozenset({"router.bias"})
 
     def __init__(self, base_model: PreTrainedModel, config: PMoEConfig | None = None):
-        self.config = config or PMoEConfig()
-        super().__init__(base_model, self.config.target_modules)
-        self.tau = self.config.shallow_blocks(self.num_blocks)
+        self.adapter_config = config or PMoEConfig()
+        super().__init__(base_model, self.adapter_config.target_modules)
+        self.tau = self.adapter_config.shallow_blocks(self.num_blocks)
         self.gate = GateState()
         self._num_experts = 0
         self._active_task = 0
@@ -73,12 +73,12 @@ class PMoEModel(AdapterModel):
             Router(
                 hidden_size(base_model),
                 device=base_model.get_input_embeddings().weight.device,
-                normalize=self.config.router_norm,
+                normalize=self.adapter_config.router_norm,
             )
-            if self.config.gate == "router"
+            if self.adapter_config.gate == "router"
             else None
         )
-        cfg = self.config
+        cfg = self.adapter_config
         self.wrap_targets(
             lambda index, layer: (
                 LoRALinear(layer, cfg.rank, cfg.alpha, cfg.dropout)
@@ -129,7 +129,7 @@ class PMoEModel(AdapterModel):
         self._set_gate(hidden)
 
     def _set_gate(self, hidden: torch.Tensor) -> None:
-        routed = hidden.detach() if self.config.router_detach else hidden
+        routed = hidden.detach() if self.adapter_config.router_detach else hidden
         self.gate.probs = self.router(routed) if self.num_experts else None
         self._hidden_tau = hidden if self._keep_hidden else None
         if self._recording and self._recorded is None:
@@ -142,7 +142,7 @@ class PMoEModel(AdapterModel):
         if self.router is not None or not self.num_experts:
             return
         device = self.base_model.get_input_embeddings().weight.device
-        if self.config.gate == "sum":
+        if self.adapter_config.gate == "sum":
             probs = torch.ones(1, 1, self.num_experts, device=device)
         else:
             probs = torch.zeros(1, 1, self.num_experts, device=device)
@@ -165,7 +165,7 @@ class PMoEModel(AdapterModel):
         Returns:
             ``t``, the 0-based index of the new expert (its router column).
         """
-        cfg, router = self.config, self.router
+        cfg, router = self.adapter_config, self.router
         grows_from_data = cfg.expert_init == "copy" or cfg.router_init != "zero"
         source, log_z = self.num_experts - 1, None
         if router is not None and self.num_experts and grows_from_data:
@@ -206,7 +206,7 @@ class PMoEModel(AdapterModel):
 
     def end_task(self) -> None:
         """Called once the current task has trained: align the newest router column if asked."""
-        if self.router is not None and self.config.router_align:
+        if self.router is not None and self.adapter_config.router_align:
             self.router.align_newest()
 
     def _route_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
@@ -228,7 +228,7 @@ class PMoEModel(AdapterModel):
     def router_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Router distribution per token, ``(batch, seq, num_experts)``; each row sums to 1."""
         if self.router is None:
-            raise ValueError(f"this model has the fixed {self.config.gate!r} gate, no router")
+            raise ValueError(f"this model has the fixed {self.adapter_config.gate!r} gate, no router")
         if not self.num_experts:
             raise ValueError("the model has no experts yet; call add_task() first")
         self._route_pass(input_ids, attention_mask)
@@ -244,7 +244,7 @@ class PMoEModel(AdapterModel):
         second forward pass over the prompts.
         """
         if self.router is None:
-            raise ValueError(f"this model has the fixed {self.config.gate!r} gate, no router")
+            raise ValueError(f"this model has the fixed {self.adapter_config.gate!r} gate, no router")
 
         def take() -> torch.Tensor | None:
             gate, self._recorded = self._recorded, None
