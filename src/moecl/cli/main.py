@@ -18,20 +18,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from moecl.cli.data import DATA_HELP, add_data_arguments, data_command
-from moecl.cli.run import (
-    RUN_DESCRIPTION,
-    add_run_arguments,
-    compare_command,
-    export_command,
-    general_command,
-    report_command,
-    route_command,
-    run_command,
-    seed_list,
-    show_command,
-    study_command,
-    sweep_command,
-)
+from moecl.cli.export import export_command
+from moecl.cli.general import general_command
+from moecl.cli.results import compare_command, report_command, route_command, show_command
+from moecl.cli.run import RUN_DESCRIPTION, add_run_arguments, run_command, seed_list
+from moecl.cli.study import study_command, sweep_command
 from moecl.reports.progress import make_progress
 from moecl.theory.experiments import DEFAULT_RUNS, run_setting, settings_for, write_report
 
