@@ -416,3 +416,17 @@ def test_truncated_tokenisation_equals_tokenising_the_whole_text(n):
         whole = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert last_tokens(tokenizer, text, n) == whole[-n:]
         assert first_tokens(tokenizer, text, n) == whole[:n]
+
+
+def test_commands_that_read_a_finished_run_name_an_unfinished_or_foreign_folder(tmp_path, monkeypatch, capsys):
+    results, out = tiny_run(tmp_path, monkeypatch, "run")
+    finished = RunFolder(out).finished()
+    assert finished.results["R"] == results["R"] and finished.final_checkpoint.name == "task-2"
+    (out / "results.json").unlink()
+    for command in (["show", str(out)], ["export", str(out), "--out", str(tmp_path / "x")]):
+        assert main(command) == 2
+        text = " ".join(capsys.readouterr().out.split())
+        assert "is unfinished (3 tasks done): run its command again to resume it" in text, text
+    (tmp_path / "other").mkdir()
+    assert main(["show", str(tmp_path / "other")]) == 2
+    assert "not a moecl run folder" in capsys.readouterr().out

@@ -6,8 +6,8 @@ import argparse
 
 from rich.console import Console
 
-from moecl.io import read_json
 from moecl.training.config import config_from_options
+from moecl.training.folder import RunFolder
 
 
 def export_command(args: argparse.Namespace, console: Console) -> int:
@@ -17,18 +17,15 @@ def export_command(args: argparse.Namespace, console: Console) -> int:
     from moecl.models.export import export_peft, merge_into_base, parse_gate
     from moecl.models.loading import load_model
 
-    results_path = args.run_dir / "results.json"
-    if not results_path.is_file():
-        raise ValueError(f"{args.run_dir} is not a finished moecl run folder (no results.json)")
+    run = RunFolder(args.run_dir).finished()
     if args.out.exists() and any(args.out.iterdir()) and not args.force:
         raise ValueError(f"--out {args.out} is not empty; choose a new folder, or pass --force to write into it")
-    config = config_from_options(read_json(args.run_dir / "config.json"))
+    config = config_from_options(run.options)
     if config.method != "pmoe":
         raise ValueError(f"{args.run_dir} is a {config.method} run; export takes PMoE runs (their experts)")
-    results = read_json(results_path)
-    done = read_json(args.run_dir / "state.json")["completed"]
+    results = run.results
     base, tokenizer = load_model(config.model, dtype=torch.float32)
-    model = METHODS["pmoe"](config).load(base, args.run_dir / "checkpoints" / f"task-{done - 1}")
+    model = METHODS["pmoe"](config).load(base, run.final_checkpoint)
     n = model.num_experts
     if args.expert is not None:
         if not 1 <= args.expert <= n:

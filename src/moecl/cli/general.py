@@ -8,8 +8,8 @@ from typing import Any
 
 from rich.console import Console
 
-from moecl.io import read_json
 from moecl.training.config import config_from_options
+from moecl.training.folder import RunFolder
 
 
 def general_command(args: argparse.Namespace, console: Console) -> int:
@@ -27,12 +27,10 @@ def general_command(args: argparse.Namespace, console: Console) -> int:
     if note:
         console.print(f"note: {note}", soft_wrap=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = None
+    config = run = None
     if args.run is not None:
-        state_path = args.run / "state.json"
-        if not (args.run / "results.json").is_file() or not state_path.is_file():
-            raise ValueError(f"{args.run} is not a finished moecl run folder (no results.json); finish it first")
-        config = config_from_options(read_json(args.run / "config.json"))
+        run = RunFolder(args.run).finished()
+        config = config_from_options(run.options)
     model_name = config.model if config else args.model
     dtype = resolve_dtype(config.dtype if config else "auto", device)
     base, tokenizer = load_model(model_name, dtype=dtype)
@@ -55,9 +53,8 @@ def general_command(args: argparse.Namespace, console: Console) -> int:
         record["seconds"] = round(seconds, 1)
     else:
         method = METHODS[config.method](config)
-        done = read_json(args.run / "state.json")["completed"]
-        model = method.load(base, args.run / "checkpoints" / f"task-{done - 1}").to(device)
-        tasks = read_json(args.run / "results.json")["tasks"]
+        model = method.load(base, run.final_checkpoint).to(device)
+        tasks = run.results["tasks"]
         scored, note = method.general_model(model, len(tasks) - 1)
         start = time.perf_counter()
         after = score_suite(scored, base, tokenizer, args.suite, limit, args.batch_size)

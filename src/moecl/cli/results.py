@@ -7,24 +7,15 @@ import argparse
 from rich.console import Console
 
 from moecl.cli.run import summary_line
-from moecl.io import read_json
 from moecl.training.config import config_from_options
+from moecl.training.folder import RunFolder
 
 
 def show_command(args: argparse.Namespace, console: Console) -> int:
     from moecl.data.trace import Task
     from moecl.reports.console import allocation_table, r_table
 
-    path = args.run_dir / "results.json"
-    if not path.is_file():
-        state = args.run_dir / "state.json"
-        if not state.is_file():
-            raise ValueError(f"{args.run_dir} has neither results.json nor state.json: not a moecl run folder")
-        raise ValueError(
-            f"{args.run_dir} is unfinished ({read_json(state)['completed']} tasks done); "
-            "re-run its command to resume it"
-        )
-    results = read_json(path)
+    results = RunFolder(args.run_dir).finished().results
     tasks = [Task(n, results["metrics"][n], [], []) for n in results["tasks"]]
     console.print(f"{results['method']} on {results['model']}, {results['benchmark']}, seed {results['seed']}")
     title = f"R (score on task, after training task; {results.get('eval_split', 'test')} split)"
@@ -92,16 +83,14 @@ def route_command(args: argparse.Namespace, console: Console) -> int:
     from moecl.models.loading import load_model
     from moecl.reports.route import route_html, route_text, token_routes
 
-    if not (args.run_dir / "results.json").is_file():
-        raise ValueError(f"{args.run_dir} is not a finished moecl run folder (no results.json)")
-    config = config_from_options(read_json(args.run_dir / "config.json"))
+    run = RunFolder(args.run_dir).finished()
+    config = config_from_options(run.options)
     if config.method != "pmoe":
         raise ValueError(f"{args.run_dir} is a {config.method} run; the route view needs PMoE's router")
     text = args.text if args.text is not None else args.file.read_text(encoding="utf-8")
-    tasks = read_json(args.run_dir / "results.json")["tasks"]
-    done = read_json(args.run_dir / "state.json")["completed"]
+    tasks = run.results["tasks"]
     base, tokenizer = load_model(config.model, dtype=torch.float32)
-    model = METHODS["pmoe"](config).load(base, args.run_dir / "checkpoints" / f"task-{done - 1}").eval()
+    model = METHODS["pmoe"](config).load(base, run.final_checkpoint).eval()
     pieces, probs = token_routes(model, tokenizer, text)
     console.print(route_text(pieces, probs, tasks[: probs.shape[-1]]))
     out = args.out or args.run_dir / "route.html"

@@ -26,6 +26,7 @@ import math
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,16 @@ def finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [finite(v) for v in value]
     return value
+
+
+@dataclass
+class FinishedRun:
+    """A finished run read back: ``options`` (config.json), ``results`` (results.json) and the
+    folder of the last task's checkpoint, whose model is the run's final one."""
+
+    options: dict[str, Any]
+    results: dict[str, Any]
+    final_checkpoint: Path
 
 
 class RunFolder:
@@ -194,6 +205,23 @@ class RunFolder:
         for entry in self.path.iterdir():
             if entry.name in OWN_ENTRIES or _TEMPORARY.match(entry.name):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    # -- a finished run, read back ----------------------------------------------------------
+
+    def finished(self) -> FinishedRun:
+        """The options, results and final checkpoint of a finished run; an unfinished or foreign
+        folder is named with what to do (``moecl show``, ``general --run``, ``route``, ``export``)."""
+        if not self.results.is_file():
+            if self.state.is_file():
+                done = read_json(self.state, f"restore it, or {START_OVER}").get("completed")
+                raise RunFolderError(
+                    f"{self.path} is unfinished ({done} tasks done): run its command again to resume it"
+                )
+            raise RunFolderError(f"{self.path} has neither results.json nor state.json: not a moecl run folder")
+        results = read_json(self.results, f"restore it from a copy, or {START_OVER}")
+        options = read_json(self.config, f"restore it, or {START_OVER}")
+        done = read_json(self.state, f"restore it, or {START_OVER}")["completed"]
+        return FinishedRun(options, results, self.checkpoint(f"task-{done - 1}"))
 
     def read_state(self) -> dict[str, Any] | None:
         if not self.state.is_file():
