@@ -423,7 +423,7 @@ def test_commands_that_read_a_finished_run_name_an_unfinished_or_foreign_folder(
     finished = RunFolder(out).finished()
     assert finished.results["R"] == results["R"] and finished.final_checkpoint.name == "task-2"
     (out / "results.json").unlink()
-    for command in (["show", str(out)], ["export", str(out), "--out", str(tmp_path / "x")]):
+    for command in (["show", str(out)], ["export", str(out), "--expert", "1", "--out", str(tmp_path / "x")]):
         assert main(command) == 2
         text = " ".join(capsys.readouterr().out.split())
         assert "is unfinished (3 tasks done): run its command again to resume it" in text, text
