@@ -9,6 +9,7 @@ that sends every task to its expert, ``1/T`` one that does not tell tasks apart.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -66,4 +67,18 @@ def own_expert_gates(phases: list[list[list[float]]]) -> dict[str, list[float]]:
     return {
         "after_own_task": [phases[k][k][k] for k in range(tasks) if k < len(phases[k][k])],
         "at_end": [phases[-1][k][k] for k in range(tasks) if k < len(phases[-1][k])],
+    }
+
+
+def routing_results(phases: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """results.json's routing entries from the allocation measured after each phase (each phase's
+    :meth:`Allocation.to_json`)."""
+    if not phases:
+        return {"router_allocation": None}
+    return {
+        "router_allocation": phases[-1]["matrix"],
+        "router_allocation_phases": [p["matrix"] for p in phases],
+        "router_entropy_phases": [p["entropy"] for p in phases],
+        "diagonal_mass_phases": [p["diagonal_mass"] for p in phases],
+        "own_expert_gate": own_expert_gates([p["matrix"] for p in phases]),
     }

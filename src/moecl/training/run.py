@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -36,7 +36,7 @@ from moecl.evaluation.continual import backward_transfer, forward_transfer, over
 from moecl.evaluation.floors import ZeroShotCache, majority_score, zero_shot_key
 from moecl.evaluation.general import BenchmarkScore, base_scores, paired, score_suite, suite_note
 from moecl.evaluation.generation import generate, max_new_tokens_for, score_predictions, single_line
-from moecl.evaluation.routing import Allocation, gate_summary, own_expert_gates
+from moecl.evaluation.routing import Allocation, gate_summary, routing_results
 from moecl.io import atomic_write_json, atomic_write_text
 from moecl.methods import METHODS
 from moecl.methods.base import Method, ReportContext
@@ -48,6 +48,7 @@ from moecl.training.batches import Collator
 from moecl.training.config import RunConfig
 from moecl.training.folder import RESUMABLE, RunFolder, RunFolderError
 from moecl.training.lock import RunLock
+from moecl.training.processes import engine_mismatch, gather, make_accelerator
 from moecl.training.replay import ReplayMemory
 from moecl.training.trainer import seed_everything, train_task
 
@@ -536,64 +537,10 @@ class Run:
         }
 
 
-def make_accelerator(device: torch.device, precision: str) -> Accelerator:
-    """An Accelerator for this run. Accelerate keeps its state per process and refuses another
-    precision once set; a study runs several runs in one process, which may differ in ``dtype``,
-    so the precision part of that state (not the process group) is reset between them."""
-    from accelerate.state import AcceleratorState
-
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") != precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
-    # cpu=True on a machine without CUDA: that is what makes `accelerate launch` start gloo
-    # data parallelism over CPU processes instead of one independent run per process.
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
-
-
-def engine_mismatch(accelerator: Accelerator) -> str | None:
-    """What the ``accelerate launch`` config asked for and this run does not get, said at start.
-    Accelerate (1.15) takes FSDP and DeepSpeed only on accelerator devices: CPU processes launched
-    with ``configs/accelerate/fsdp.yaml`` run plain data parallelism over gloo instead."""
-    from accelerate.utils import DistributedType
-
-    for variable, engine, wanted in (
-        ("ACCELERATE_USE_FSDP", "FSDP", DistributedType.FSDP),
-        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", DistributedType.DEEPSPEED),
-    ):
-        if os.environ.get(variable, "false").lower() == "true" and accelerator.distributed_type != wanted:
-            return (
-                f"the launch asked for {engine}, but Accelerate runs this as {accelerator.distributed_type.value} "
-                f"over {accelerator.num_processes} process(es): it takes {engine} only on GPUs (and other "
-                "accelerators). Results are those of data parallelism; no memory is sharded"
-            )
-    return None
-
-
 def load_mid_task(folder: Path) -> dict[str, Any]:
     """The trainer's snapshot saved by :meth:`Run.save_mid_task`, as ``train_task`` takes it back."""
     state = torch.load(folder / "trainer_state.pt", weights_only=True)
     return {**state, **json.loads((folder / "position.json").read_text())}
-
-
-def gather(accelerator: Accelerator, items: list) -> list:
-    if accelerator.num_processes == 1:
-        return items
-    from accelerate.utils import gather_object
-
-    return gather_object(items)
-
-
-def routing_results(phases: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """results.json's routing entries from the allocation measured after each phase."""
-    if not phases:
-        return {"router_allocation": None}
-    return {
-        "router_allocation": phases[-1]["matrix"],
-        "router_allocation_phases": [p["matrix"] for p in phases],
-        "router_entropy_phases": [p["entropy"] for p in phases],
-        "diagonal_mass_phases": [p["diagonal_mass"] for p in phases],
-        "own_expert_gate": own_expert_gates([p["matrix"] for p in phases]),
-    }
 
 
 def run(
