@@ -47,12 +47,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from moecl.backends import cpu
 from moecl.backends.cpu import linear as onednn
+from moecl.config import RunConfig
+from moecl.data.batches import Collator, LengthGroupedBatches
 from moecl.data.trace import Example, Task
 from moecl.evaluation.generation import generate
 from moecl.methods import METHODS
 from moecl.models.loading import byte_tokenizer, load_model
-from moecl.training.batches import Collator, LengthGroupedBatches
-from moecl.training.config import RunConfig
 from moecl.training.run import load_tasks, make_accelerator
 from moecl.training.trainer import train_task
 

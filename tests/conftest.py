@@ -97,8 +97,8 @@ TINY_RUN = dict(
 
 def tiny_run(tmp_path, monkeypatch, name: str, **options):
     """A whole `moecl run` in-process on tiny-random over 3 smoke tasks; ``(results, run folder)``."""
+    from moecl.config import RunConfig
     from moecl.training import run as run_module
-    from moecl.training.config import RunConfig
 
     monkeypatch.setenv("MOECL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / name

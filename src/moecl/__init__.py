@@ -33,7 +33,7 @@ _WHERE = {
     "overall_performance": "moecl.evaluation.continual",
     "backward_transfer": "moecl.evaluation.continual",
     "forward_transfer": "moecl.evaluation.continual",
-    "RunConfig": "moecl.training.config",
+    "RunConfig": "moecl.config",
     "run": "moecl.training.run",
     "METHODS": "moecl.methods",
 }
@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from moecl.config import RunConfig
     from moecl.evaluation.continual import backward_transfer, forward_transfer, overall_performance
     from moecl.evaluation.metrics import METRICS, score
     from moecl.methods import METHODS
@@ -65,7 +66,6 @@ if TYPE_CHECKING:
     from moecl.models.moses import MoSEsConfig, MoSEsModel
     from moecl.models.pmoe import PMoEModel
     from moecl.models.pmoe_config import PMoEConfig
-    from moecl.training.config import RunConfig
     from moecl.training.run import run
 
 

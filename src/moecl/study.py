@@ -29,9 +29,9 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from moecl.config import RunConfig, config_from_options
 from moecl.io import atomic_write_json
 from moecl.reports.progress import make_progress
-from moecl.training.config import RunConfig, config_from_options
 
 
 @dataclass

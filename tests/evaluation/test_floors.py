@@ -4,10 +4,10 @@ import json
 
 import pytest
 
+from moecl.config import RunConfig
 from moecl.data.trace import Example, Task
 from moecl.evaluation.floors import majority_answer, majority_score, zero_shot_key
 from moecl.training import run as run_module
-from moecl.training.config import RunConfig
 
 
 def _split(answers, stem):

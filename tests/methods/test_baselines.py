@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from moecl.adapters.expert_bank import LoRAExpertBank
+from moecl.config import METHOD_NAMES, RunConfig
 from moecl.data.trace import Example, Task
 from moecl.methods import METHODS
 from moecl.methods.full import SeqFTMethod
@@ -18,7 +19,6 @@ from moecl.models.loading import byte_tokenizer
 from moecl.models.pmoe import PMoEModel
 from moecl.models.pmoe_config import PMoEConfig
 from moecl.training import run as run_module
-from moecl.training.config import METHOD_NAMES, RunConfig
 from tests.conftest import build_tiny, perturb_adapters, random_tokens, tiny_run
 
 

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from moecl.adapters.mixture import LoRAMixtureLinear, localized_balance
+from moecl.config import RunConfig
+from moecl.data.batches import Collator, answer_loss
 from moecl.data.trace import Example
 from moecl.methods import METHODS
 from moecl.methods.regularized import AGEMMethod, EWCMethod, LwFMethod, diagonal_fisher, distillation, project
 from moecl.models.loramoe import LoRAMoEConfig, LoRAMoEModel
-from moecl.training.batches import Collator, answer_loss
-from moecl.training.config import RunConfig
 from tests.conftest import VOCAB, build_tiny, random_tokens, tiny_run
 
 

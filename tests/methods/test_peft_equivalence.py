@@ -21,9 +21,9 @@ import torch
 
 from moecl.adapters.expert_bank import LoRAExpertBank
 from moecl.adapters.lora import LoRALinear
+from moecl.config import RunConfig
+from moecl.data.batches import answer_loss
 from moecl.methods import METHODS
-from moecl.training.batches import answer_loss
-from moecl.training.config import RunConfig
 from moecl.training.trainer import fused_adamw
 from tests.conftest import VOCAB, build_tiny
 

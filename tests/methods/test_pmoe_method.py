@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
+from moecl.config import RunConfig
 from moecl.methods.pmoe import PMoEMethod, padded_targets, route_distill_loss
-from moecl.training.config import RunConfig
 from tests.conftest import build_tiny, tiny_run
 
 
@@ -60,7 +60,7 @@ def test_a_run_records_allocation_per_phase_and_the_newest_gate(tmp_path, monkey
 
 
 def test_pmoe_paper_preset_is_the_literal_router_and_options_still_win():
-    from moecl.training.config import config_from_options
+    from moecl.config import config_from_options
 
     paper = PMoEMethod(config_from_options({"preset": "pmoe-paper"})).adapter_config()
     literal = (paper.router_norm, paper.expert_init, paper.router_init, paper.freeze_router)
@@ -104,10 +104,10 @@ def test_mean_gates_in_length_groups_equal_each_example_alone():
     """The distillation targets' per-example gates, computed in batches of neighbours in length,
     equal a pass over each example alone, in the examples' own order."""
     from moecl import PMoEConfig, PMoEModel
+    from moecl.data.batches import Collator
     from moecl.data.trace import Example
     from moecl.methods.pmoe import masked_token_mean, mean_gates
     from moecl.models.loading import tiny_random
-    from moecl.training.batches import Collator
 
     base, tokenizer = tiny_random()
     model = PMoEModel(base, PMoEConfig(tau=1, rank=2, alpha=4))

@@ -228,9 +228,9 @@ def test_user_target_modules_override_family_default():
 
 
 def test_all_linear_adapts_every_linear_layer_of_the_blocks_and_saves_their_names(family, tmp_path):
+    from moecl.config import RunConfig
     from moecl.models.adapter_model import _linear_paths
     from moecl.models.architectures import decoder_blocks
-    from moecl.training.config import RunConfig
 
     paths = _linear_paths(decoder_blocks(build_tiny(family))[0])  # GPT-2 has c_proj twice: in attn and mlp
     leaves = {p.rpartition(".")[2] for p in paths}
@@ -301,7 +301,7 @@ def test_pruned_last_block_gives_pmoe_the_same_answer_loss_and_gradients(tau):
     import copy
 
     from moecl.backends.cpu import last_block
-    from moecl.training.batches import answer_loss
+    from moecl.data.batches import answer_loss
 
     base = build_tiny("llama")
     plain = copy.deepcopy(base)
@@ -351,8 +351,8 @@ def test_manual_decoding_with_the_cache_argument_keeps_each_tokens_position():
 def test_the_default_config_is_what_moecl_run_builds_and_paper_is_the_papers():
     """One set of defaults: PMoEConfig() is the adapter config `moecl run` builds on its defaults;
     the paper's literal router is one named constructor, the one `--preset pmoe-paper` applies."""
+    from moecl.config import PRESETS, RunConfig
     from moecl.methods.pmoe import PMoEMethod
-    from moecl.training.config import PRESETS, RunConfig
 
     assert PMoEMethod(RunConfig()).adapter_config() == PMoEConfig()
     paper = PMoEConfig.paper()

@@ -4,9 +4,9 @@ import io
 
 from rich.console import Console
 
+from moecl.config import RunConfig
 from moecl.reports.progress import LineProgress, make_progress
 from moecl.training import run as run_module
-from moecl.training.config import RunConfig
 from tests.conftest import TINY_RUN
 
 

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
+from moecl.data.batches import Collator
 from moecl.data.trace import Example
 from moecl.methods.pmoe import router_loss
 from moecl.models.loading import byte_tokenizer
-from moecl.training.batches import Collator
 from moecl.training.replay import ReplayMemory
 
 
@@ -49,8 +49,8 @@ def test_collator_masks_prompt_and_padding_and_appends_eos():
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_answer_loss_equals_the_models_own_label_loss(keep):
+    from moecl.data.batches import answer_loss
     from moecl.models.loading import tiny_random
-    from moecl.training.batches import answer_loss
 
     model, tok = tiny_random()
     batch = Collator(tok, 32, 8)([(0, Example("a long prompt here", "ans")), (0, Example("hi", "longer answer"))])
@@ -59,7 +59,7 @@ def test_answer_loss_equals_the_models_own_label_loss(keep):
 
 
 def test_length_grouped_batches_cover_every_example_once_per_epoch_with_less_padding():
-    from moecl.training.batches import LengthGroupedBatches
+    from moecl.data.batches import LengthGroupedBatches
 
     lengths = [int(x) for x in torch.randint(5, 300, (203,), generator=torch.Generator().manual_seed(1))]
 

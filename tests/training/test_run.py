@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
+from moecl.config import RunConfig
 from moecl.data.trace import DataError
-from moecl.training.config import RunConfig
 from moecl.training.run import run
 
 FAST = ["run", "--preset", "smoke", "epochs=3", "train_size=24", "test_size=12"]
@@ -216,7 +216,7 @@ def test_replay_extra_joins_every_task_after_the_first_and_bad_files_are_named(t
 
 
 def test_the_papers_recipe_parses_into_a_run_config():
-    from moecl.training.config import config_from_options
+    from moecl.config import config_from_options
 
     recipe = yaml.safe_load(
         (Path(__file__).parents[2] / "configs" / "recipes" / "pmoe-trace-llama2-7b.yaml").read_text()

@@ -12,10 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import build_tiny, random_tokens
 
+from moecl.config import config_from_options
 from moecl.models.pmoe import PMoEModel
 from moecl.models.pmoe_config import PMoEConfig
 from moecl.training import trainer
-from moecl.training.config import config_from_options
 from moecl.training.run import run
 from moecl.training.sharding import gather_trained, load_optimizer_state, optimizer_state, replica_of
 

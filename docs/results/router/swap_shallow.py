@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from moecl.adapters.lora import LoRALinear
+from moecl.config import config_from_options
 from moecl.methods import METHODS
 from moecl.models.loading import load_model
-from moecl.training.config import config_from_options
 from moecl.training.run import Run, load_tasks
 
 run_dir = Path(sys.argv[1])

@@ -6,7 +6,7 @@ import argparse
 
 from rich.console import Console
 
-from moecl.training.config import config_from_options
+from moecl.config import config_from_options
 from moecl.training.folder import RunFolder
 
 

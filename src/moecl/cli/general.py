@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
-from moecl.training.config import config_from_options
+from moecl.config import config_from_options
 from moecl.training.folder import RunFolder
 
 

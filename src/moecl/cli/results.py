@@ -7,7 +7,7 @@ import argparse
 from rich.console import Console
 
 from moecl.cli.run import summary_line
-from moecl.training.config import config_from_options
+from moecl.config import config_from_options
 from moecl.training.folder import RunFolder
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from moecl.training.config import PRESETS, RunConfig, config_from_options, converter
+from moecl.config import PRESETS, RunConfig, config_from_options, converter
 from moecl.training.folder import RESUMABLE
 
 _RUN_INTRO = """\

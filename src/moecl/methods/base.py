@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from moecl.config import RunConfig
+from moecl.data.batches import Collator
 from moecl.data.trace import Example, Task
-from moecl.training.batches import Collator
-from moecl.training.config import RunConfig
 
 
 @dataclass

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from moecl.adapters.expert_bank import LoRAExpertBank
+from moecl.data.batches import Collator
 from moecl.data.trace import Example
 from moecl.methods.pmoe import PMoEMethod
 from moecl.models.pmoe import PMoEModel
 from moecl.models.pmoe_config import PMoEConfig
-from moecl.training.batches import Collator
 
 
 class _FixedGateMethod(PMoEMethod):

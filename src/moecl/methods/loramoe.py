@@ -12,10 +12,10 @@ import torch
 from transformers import PreTrainedModel
 
 from moecl.adapters.mixture import localized_balance
+from moecl.data.batches import Collator
 from moecl.data.trace import Example
 from moecl.methods.base import Method
 from moecl.models.loramoe import LoRAMoEConfig, LoRAMoEModel
-from moecl.training.batches import Collator
 
 
 class LoRAMoEMethod(Method):

@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from moecl.data.batches import Collator
 from moecl.data.trace import Example
 from moecl.evaluation.generation import prompt_batches
 from moecl.io import atomic_write_json
 from moecl.methods.base import Method, ReportContext
 from moecl.models.moses import MoSEsConfig, MoSEsModel
-from moecl.training.batches import Collator
 
 
 class MoSEsMethod(Method):

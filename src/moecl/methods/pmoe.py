@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from moecl.data.batches import Collator
 from moecl.data.trace import Example
 from moecl.io import atomic_write_json
 from moecl.methods.base import Method
 from moecl.models.pmoe import PMoEModel
 from moecl.models.pmoe_config import PMoEConfig
-from moecl.training.batches import Collator
 
 PROBE_EXAMPLES = 32
 """Training examples of a new task whose gate decides copy/share growth (one forward pass)."""

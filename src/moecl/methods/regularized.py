@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
+from moecl.data.batches import Collator, answer_loss, keeps_logits
 from moecl.data.trace import Example
 from moecl.io import atomic_path, atomic_write_json
 from moecl.methods.lora import SeqLoRAMethod
 from moecl.models.pmoe import PMoEModel
-from moecl.training.batches import Collator, answer_loss, keeps_logits
 
 EWC_STATE = "ewc.safetensors"
 LWF_TEACHER = "lwf_teacher.safetensors"

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from moecl.config import DEFAULT_REPLAY
 from moecl.evaluation.routing import own_expert_gates
 from moecl.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 from moecl.reports.stats import ItemScores, general_item_scores, item_scores, mean_ci, paired_bootstrap
 from moecl.reports.tables import markdown_table
-from moecl.training.config import DEFAULT_REPLAY
 
 
 @dataclass

@@ -31,6 +31,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moecl.backends import Applied, apply_backend, backend_for
+from moecl.config import RunConfig
+from moecl.data.batches import Collator
 from moecl.data.trace import DataError, Example, Task, load_benchmark, read_split
 from moecl.evaluation.continual import backward_transfer, forward_transfer, overall_performance
 from moecl.evaluation.floors import ZeroShotCache, majority_score, zero_shot_key
@@ -44,8 +46,6 @@ from moecl.models.loading import cache_dir, check_model_name, load_model, resolv
 from moecl.reports.console import allocation_table, general_table, r_table
 from moecl.reports.plots import plot_allocation_phases
 from moecl.reports.progress import make_progress
-from moecl.training.batches import Collator
-from moecl.training.config import RunConfig
 from moecl.training.folder import RESUMABLE, RunFolder, RunFolderError
 from moecl.training.lock import RunLock
 from moecl.training.processes import engine_mismatch, gather, make_accelerator

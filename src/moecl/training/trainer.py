@@ -18,10 +18,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
+from moecl.config import RunConfig
+from moecl.data.batches import Collator, LengthGroupedBatches, answer_loss, keeps_logits
 from moecl.data.trace import Example
 from moecl.methods.base import Method
-from moecl.training.batches import Collator, LengthGroupedBatches, answer_loss, keeps_logits
-from moecl.training.config import RunConfig
 from moecl.training.sharding import (
     gather_trained,
     load_optimizer_state,
