@@ -33,13 +33,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from moecl.data.batches import Collator, answer_loss, keeps_logits
 from moecl.data.trace import Example
-from moecl.io import atomic_path, atomic_write_json
+from moecl.io import atomic_write_json
 from moecl.methods.lora import SeqLoRAMethod
+from moecl.models.persistence import write_tensors
 from moecl.models.pmoe import PMoEModel
 
 EWC_STATE = "ewc.safetensors"
@@ -50,11 +51,6 @@ AGEM_MEMORY = "agem_memory.json"
 def _device_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     device = next(model.parameters()).device
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str] | None = None) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
 class EWCMethod(SeqLoRAMethod):
@@ -86,7 +82,7 @@ class EWCMethod(SeqLoRAMethod):
             state = {f"fisher.{n}": v for n, v in self.fisher.items()} | {
                 f"anchor.{n}": v for n, v in self.anchor.items()
             }
-            _save_tensors(state, directory / EWC_STATE)
+            write_tensors(directory / EWC_STATE, state)
 
     def load(self, base_model: PreTrainedModel, directory: Path) -> PMoEModel:
         model = super().load(base_model, directory)
@@ -180,7 +176,7 @@ class LwFMethod(SeqLoRAMethod):
     def save(self, model: PMoEModel, directory: Path) -> None:
         super().save(model, directory)
         if self.teacher:
-            _save_tensors(self.teacher, directory / LWF_TEACHER, {"task": str(self.teacher_task)})
+            write_tensors(directory / LWF_TEACHER, self.teacher, {"task": str(self.teacher_task)})
 
     def load(self, base_model: PreTrainedModel, directory: Path) -> PMoEModel:
         from safetensors import safe_open

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -58,6 +59,13 @@ def describe_base(base_model: PreTrainedModel) -> dict[str, Any]:
     }
 
 
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """``tensors`` (moved to the CPU) as a safetensors file at ``path``, written under a temporary
+    name and renamed, so a crash never leaves a half-written file under the final name."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
 def save_adapters(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> None:
     """Write ``meta`` (plus the base model's description) and every adapter tensor of ``model``.
 
@@ -66,9 +74,7 @@ def save_adapters(model: nn.Module, directory: str | Path, meta: dict[str, Any])
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in saved_state_dict(model).items()}
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_tensors(directory / WEIGHTS_NAME, saved_state_dict(model), {"format": "pt"})
     atomic_write_json(directory / CONFIG_NAME, {**meta, "base_model": describe_base(model.base_model)})
 
 
