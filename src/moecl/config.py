@@ -180,6 +180,16 @@ class RunConfig:
         "PMoE: weight of routing distillation, KL(task's stored mean gate || gate) on replayed examples; 0 = off",
     )
     router_lr: float | None = _opt(None, "PMoE: the router's own peak learning rate (default: --lr)")
+    router_refit_steps: int = _opt(
+        0,
+        "PMoE: after each task (once two experts exist) fit every router column for N full-batch steps on h_tau of "
+        "the replay memory and 32 of the task's examples, each task weighing the same; 0 = off",
+    )
+    route_balance: bool = _opt(
+        False,
+        "PMoE: the router loss (Eq. 7) averages each task's examples in a batch first, then the tasks, so "
+        "replayed examples weigh as much as the current task's",
+    )
     lora_dropout: float = _opt(0.0, "dropout on the adapters' input")
     target_modules: list[str] | None = _opt(
         None,
@@ -296,6 +306,7 @@ AT_LEAST = {
     "lambda_orth": 0,
     "lambda_l2": 0,
     "lambda_route_distill": 0,
+    "router_refit_steps": 0,
     "lambda_ewc": 0,
     "ewc_samples": 1,
     "lambda_lwf": 0,
@@ -394,6 +405,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         lambda_route=0.0,
         lambda_route_distill=0.0,
         router_lr=None,
+        router_refit_steps=0,
+        route_balance=False,
         replay=0.01,
     ),
     # The main job's set-up with a tiny budget (CI runs it from an empty cache): the default model

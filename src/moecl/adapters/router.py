@@ -167,12 +167,39 @@ class Router(nn.Module):
         if len(old) and newest > 0:
             self.weight[-1].mul_(old.mean() / newest)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden (batch, seq, hidden)`` -> logits ``(batch, seq, num_experts)``."""
-        hidden = hidden.to(self.weight.dtype)
+    def refit(self, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, steps: int, lr: float) -> None:
+        """Fit every column at once, frozen ones included, by weighted cross-entropy on given tokens.
+
+        A consolidation step between tasks (full batch, Adam from the current columns; the
+        offsets stay). Deterministic for the same inputs on the same device.
+
+        Args:
+            hidden: the router's input on some tokens, ``(tokens, hidden)``.
+            labels: the expert each token belongs to, ``(tokens,)``, values below ``num_experts``.
+            weights: each token's weight in the loss, ``(tokens,)``, summing to 1.
+            steps: Adam steps.
+            lr: Adam's learning rate.
+        """
+        columns = self.columns().detach().clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([columns], lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                optimizer.zero_grad()
+                logp = F.log_softmax(self._linear(hidden, columns), dim=-1)  # (tokens, experts)
+                loss = -(logp.gather(-1, labels[:, None]).squeeze(-1) * weights).sum()
+                loss.backward()
+                optimizer.step()
+        self.load_saved({"columns": columns.detach()})
+
+    def _linear(self, hidden: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.to(columns.dtype)
         if self.normalize:
             hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return F.linear(hidden, self.columns(), self.bias)
+        return F.linear(hidden, columns, self.bias)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden (batch, seq, hidden)`` -> logits ``(batch, seq, num_experts)``."""
+        return self._linear(hidden, self.columns())
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden (batch, seq, hidden)`` -> gate ``(batch, seq, num_experts)``, rows sum to 1."""

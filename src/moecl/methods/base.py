@@ -11,7 +11,7 @@ it must and inherits the rest; ``joint`` methods see the whole stream in one pha
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,9 +91,17 @@ class Method:
         """The method's own entries of a training step's ``log.jsonl`` line (after ``loss``)."""
         return {}
 
-    def after_task(self, model: nn.Module, task_index: int, examples: list[Example], collator: Collator) -> None:
-        """Called after training task ``task_index`` on ``examples`` (its own training data, no
-        replay), before it is evaluated."""
+    def after_task(
+        self,
+        model: nn.Module,
+        task_index: int,
+        examples: list[Example],
+        collator: Collator,
+        replay: Sequence[tuple[int, Example]] = (),
+    ) -> None:
+        """Called after training task ``task_index`` on ``examples`` (its own training data),
+        before it is evaluated; ``replay`` is the replay memory it trained beside, ``(task index,
+        example)`` pairs of the earlier tasks (empty without replay)."""
 
     def before_eval(self, model: nn.Module, task_index: int) -> None:
         """Called before scoring task ``task_index`` (a method given the task id sets it here)."""

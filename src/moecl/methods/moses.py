@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,14 @@ class MoSEsMethod(Method):
     def forward_kwargs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {"task_ids": batch["task_ids"]}
 
-    def after_task(self, model: MoSEsModel, task_index: int, examples: list[Example], collator: Collator) -> None:
+    def after_task(
+        self,
+        model: MoSEsModel,
+        task_index: int,
+        examples: list[Example],
+        collator: Collator,
+        replay: Sequence[tuple[int, Example]] = (),
+    ) -> None:
         prompts = [e.prompt for e in examples]
         c = self.config
         device = next(model.parameters()).device

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ PROBE_EXAMPLES = 32
 """Training examples of a new task whose gate decides copy/share growth (one forward pass)."""
 TARGET_EXAMPLES = 64
 """Training examples of a finished task whose mean gate becomes its distillation target."""
+REFIT_EXAMPLES = 32
+"""Training examples of a finished task that join the replay memory in the router's refit."""
+REFIT_LR = 1e-2
+"""Adam's learning rate in the router's refit (full batch; columns act on RMS-normalised h_tau)."""
 ROUTE_TARGETS = "route_targets.json"
 
 
@@ -73,8 +78,20 @@ class PMoEMethod(Method):
         while model.num_experts <= task_index:  # one expert per task; idempotent on resume
             model.add_task(probe)
 
-    def after_task(self, model: PMoEModel, task_index: int, examples: list[Example], collator: Collator) -> None:
+    def after_task(
+        self,
+        model: PMoEModel,
+        task_index: int,
+        examples: list[Example],
+        collator: Collator,
+        replay: Sequence[tuple[int, Example]] = (),
+    ) -> None:
         model.end_task()
+        if self.config.router_refit_steps > 0 and model.router is not None and model.num_experts > 1:
+            mine = [(task_index, e) for e in examples[:REFIT_EXAMPLES]]
+            refit_router(
+                model, collator, mine + list(replay), self.config.micro_batch_size, self.config.router_refit_steps
+            )
         if self.config.lambda_route_distill > 0 and model.router is not None:
             del self.route_targets[task_index:]
             target = mean_gates(model, collator, task_index, examples[:TARGET_EXAMPLES], self.config.micro_batch_size)
@@ -102,7 +119,9 @@ class PMoEMethod(Method):
         loss = lm_loss
         c = self.config
         if c.lambda_route > 0:
-            loss = loss + c.lambda_route * router_loss(model.gate.probs, batch["task_ids"], batch["attention_mask"])
+            loss = loss + c.lambda_route * router_loss(
+                model.gate.probs, batch["task_ids"], batch["attention_mask"], balance=c.route_balance
+            )
         if c.lambda_route_distill > 0 and self.route_targets:
             targets = padded_targets(self.route_targets, model.num_experts, model.gate.probs)
             loss = loss + c.lambda_route_distill * route_distill_loss(
@@ -163,18 +182,53 @@ def masked_token_mean(probs: torch.Tensor, attention_mask: torch.Tensor) -> torc
     return (probs * mask).sum(1) / mask.sum(1)
 
 
-def router_loss(probs: torch.Tensor, task_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def router_loss(
+    probs: torch.Tensor, task_ids: torch.Tensor, attention_mask: torch.Tensor, balance: bool = False
+) -> torch.Tensor:
     """Eq. 7: ``-log G_k(x)`` for each example's task ``k``, averaged over its tokens, then the batch.
 
     Args:
         probs: router output ``(batch, seq, experts)``.
         task_ids: ``(batch,)``, the expert each example should go to.
         attention_mask: ``(batch, seq)``; padding does not count.
+        balance: average over the examples of each task in the batch first, then over those
+            tasks, so that one replayed example weighs as much as the current task's seven.
     """
     idx = task_ids[:, None, None].expand(-1, probs.shape[1], 1)
     nll = -torch.log(probs.gather(-1, idx).squeeze(-1).clamp_min(1e-9))  # (batch, seq)
     mask = attention_mask.to(nll.dtype)
-    return ((nll * mask).sum(1) / mask.sum(1)).mean()
+    per_example = (nll * mask).sum(1) / mask.sum(1)  # (batch,)
+    if not balance:
+        return per_example.mean()
+    tasks, which = task_ids.unique(return_inverse=True)
+    total = per_example.new_zeros(len(tasks)).index_add(0, which, per_example)
+    return (total / torch.bincount(which, minlength=len(tasks)).to(total.dtype)).mean()
+
+
+@torch.no_grad()
+def refit_router(
+    model: PMoEModel, collator: Collator, items: list[tuple[int, Example]], batch_size: int, steps: int
+) -> None:
+    """Fit every router column on the tokens of ``items`` (``(task index, example)``: a sample of
+    the task just trained and the replay memory), each task weighing the same whatever its
+    number of tokens. Task ``k``'s tokens are labelled expert ``k``.
+
+    The columns trained during the task saw the replay memory in few batches and the old ones
+    are frozen, so an old task's inputs, moved by the shallow adapter's training, drift to the
+    newest expert; this pass puts them back on the router's current ``h_tau``."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(items)), key=lambda i: collator.length(items[i][1]))
+    hidden, labels = [], []
+    for start in range(0, len(order), batch_size):
+        batch = collator([items[i] for i in order[start : start + batch_size]])
+        mask = batch["attention_mask"].to(device).bool()
+        h = model.hidden_tau(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        hidden.append(h[mask].float())  # (tokens, hidden)
+        labels.append(batch["task_ids"].to(device)[:, None].expand_as(mask)[mask])
+    x, y = torch.cat(hidden), torch.cat(labels)
+    counts = torch.bincount(y, minlength=model.num_experts).to(x.dtype)
+    weights = 1.0 / counts[y] / int((counts > 0).sum())  # every present task sums to the same share
+    model.router.refit(x, y, weights, steps, REFIT_LR)
 
 
 def padded_targets(rows: list[list[float]], num_experts: int, like: torch.Tensor) -> torch.Tensor:

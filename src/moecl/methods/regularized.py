@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -68,8 +69,15 @@ class EWCMethod(SeqLoRAMethod):
             return lm_loss
         return lm_loss + self.config.lambda_ewc / 2 * ewc_penalty(model, self.fisher, self.anchor)
 
-    def after_task(self, model: PMoEModel, task_index: int, examples: list[Example], collator: Collator) -> None:
-        super().after_task(model, task_index, examples, collator)
+    def after_task(
+        self,
+        model: PMoEModel,
+        task_index: int,
+        examples: list[Example],
+        collator: Collator,
+        replay: Sequence[tuple[int, Example]] = (),
+    ) -> None:
+        super().after_task(model, task_index, examples, collator, replay)
         rng = random.Random(f"ewc:{self.config.seed}:{task_index}")
         sample = rng.sample(examples, min(self.config.ewc_samples, len(examples)))
         for name, value in diagonal_fisher(model, collator, task_index, sample, self.config.micro_batch_size).items():
@@ -223,8 +231,15 @@ class AGEMMethod(SeqLoRAMethod):
         super().before_task(model, task_index, examples, collator)
         self.collator = collator
 
-    def after_task(self, model: PMoEModel, task_index: int, examples: list[Example], collator: Collator) -> None:
-        super().after_task(model, task_index, examples, collator)
+    def after_task(
+        self,
+        model: PMoEModel,
+        task_index: int,
+        examples: list[Example],
+        collator: Collator,
+        replay: Sequence[tuple[int, Example]] = (),
+    ) -> None:
+        super().after_task(model, task_index, examples, collator, replay)
         rng = random.Random(f"agem:{self.config.seed}:{task_index}")
         self.memory += [(task_index, e) for e in rng.sample(examples, min(self.config.agem_memory, len(examples)))]
 

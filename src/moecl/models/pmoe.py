@@ -195,12 +195,7 @@ class PMoEModel(AdapterModel):
         if probe is None:
             return self.num_experts - 1, float(torch.logsumexp(self.router.bias, 0))
         mask = probe["attention_mask"].bool()
-        self._keep_hidden = True
-        try:
-            self._route_pass(probe["input_ids"], probe["attention_mask"])
-            logits = self.router.logits(self._hidden_tau)[mask]  # (tokens, experts)
-        finally:
-            self._keep_hidden, self._hidden_tau = False, None
+        logits = self.router.logits(self.hidden_tau(probe["input_ids"], probe["attention_mask"]))[mask]
         source = int(logits.softmax(-1).mean(0).argmax())
         return source, float(torch.logsumexp(logits, -1).mean())
 
@@ -223,6 +218,18 @@ class PMoEModel(AdapterModel):
             self._route_only = False
 
     # -- forward, routing probabilities, generation -------------------------------------------
+
+    @torch.no_grad()
+    def hidden_tau(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The router's input ``h_tau``, ``(batch, seq, hidden)``, from blocks ``1..tau`` alone."""
+        if self.router is None or not self.num_experts:
+            raise ValueError("h_tau is read by the router: the model needs the router gate and an expert")
+        self._keep_hidden = True
+        try:
+            self._route_pass(input_ids, attention_mask)
+            return self._hidden_tau.detach()
+        finally:
+            self._keep_hidden, self._hidden_tau = False, None
 
     @torch.no_grad()
     def router_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

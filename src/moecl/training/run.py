@@ -380,7 +380,7 @@ class Run:
                         lambda snapshot, t=t: self.save_mid_task(model, t, snapshot),
                     )
                     progress.remove_task(bar)
-                self.method.after_task(model, t, own, collator)
+                self.method.after_task(model, t, own, collator, memory.items)
                 for i in phases[t]:
                     memory.add_task(i, self.tasks[i].train)
                 gates = Allocation()
