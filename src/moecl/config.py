@@ -181,9 +181,10 @@ class RunConfig:
     )
     router_lr: float | None = _opt(None, "PMoE: the router's own peak learning rate (default: --lr)")
     router_refit_steps: int = _opt(
-        0,
+        200,
         "PMoE: after each task (once two experts exist) fit every router column for N full-batch steps on h_tau of "
-        "the replay memory and 32 of the task's examples, each task weighing the same; 0 = off",
+        "the replay memory and 32 of the task's examples, each task weighing the same; 0 = off (chosen on the "
+        "validation split: docs/guide.md, PMoE's router)",
     )
     route_balance: bool = _opt(
         False,
