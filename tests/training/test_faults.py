@@ -220,12 +220,12 @@ def test_a_log_line_cut_by_a_crash_is_dropped_on_resume(cli, tmp_path, monkeypat
     out = tmp_path / "run"
     real = PMoEMethod.after_task
 
-    def crash_after_task_2(self, model, t, own, collator):
+    def crash_after_task_2(self, model, t, own, collator, replay=()):
         if t == 1:
             with open(out / "log.jsonl", "a") as f:
                 f.write('{"task": 1, "step": 3, "lo')  # the disk filled mid-record
             raise OSError(errno.ENOSPC, "No space left on device", str(out / "log.jsonl"))
-        return real(self, model, t, own, collator)
+        return real(self, model, t, own, collator, replay)
 
     monkeypatch.setattr(PMoEMethod, "after_task", crash_after_task_2)
     code, text = cli(out=out)
@@ -254,10 +254,10 @@ def test_a_damaged_mid_task_checkpoint_restarts_its_task(tmp_path, monkeypatch):
     straight, _ = tiny_run(tmp_path, monkeypatch, "straight", save_every=1)
     real = PMoEMethod.after_task
 
-    def stop(self, model, t, own, collator):
+    def stop(self, model, t, own, collator, replay=()):
         if t == 1:
             raise KeyboardInterrupt
-        return real(self, model, t, own, collator)
+        return real(self, model, t, own, collator, replay)
 
     monkeypatch.setattr(PMoEMethod, "after_task", stop)
     with pytest.raises(KeyboardInterrupt):
