@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,13 +167,23 @@ def mean_gates(
     that a batch pads to its own longest example rather than to the longest of all: on
     multiemo's 64 target examples that computes about half the tokens of one padded batch."""
     device = next(model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: collator.length(examples[i]))
+    order, batches = length_batches(collator, [(task_index, e) for e in examples], batch_size)
     parts = []
-    for start in range(0, len(order), batch_size):
-        batch = collator([(task_index, examples[i]) for i in order[start : start + batch_size]])
+    for batch in batches:
         mask = batch["attention_mask"].to(device)
         parts.append(masked_token_mean(model.router_probs(batch["input_ids"].to(device), mask), mask))
     return torch.cat(parts)[torch.tensor(order, device=device).argsort()]  # back to examples' order
+
+
+def length_batches(
+    collator: Collator, items: list[tuple[int, Example]], batch_size: int
+) -> tuple[list[int], Iterator[dict[str, torch.Tensor]]]:
+    """``items`` sorted by token length and collated ``batch_size`` at a time: the order (indices
+    into ``items``) and the batches, made lazily. A batch of neighbours in length pads to its own
+    longest example rather than to the longest of all."""
+    order = sorted(range(len(items)), key=lambda i: collator.length(items[i][1]))
+    batches = (collator([items[i] for i in order[s : s + batch_size]]) for s in range(0, len(order), batch_size))
+    return order, batches
 
 
 def masked_token_mean(probs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -217,10 +227,8 @@ def refit_router(
     are frozen, so an old task's inputs, moved by the shallow adapter's training, drift to the
     newest expert; this pass puts them back on the router's current ``h_tau``."""
     device = next(model.parameters()).device
-    order = sorted(range(len(items)), key=lambda i: collator.length(items[i][1]))
     hidden, labels = [], []
-    for start in range(0, len(order), batch_size):
-        batch = collator([items[i] for i in order[start : start + batch_size]])
+    for batch in length_batches(collator, items, batch_size)[1]:
         mask = batch["attention_mask"].to(device).bool()
         h = model.hidden_tau(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         hidden.append(h[mask].float())  # (tokens, hidden)
