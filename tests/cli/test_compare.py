@@ -36,12 +36,13 @@ def test_seeds_then_compare_write_mean_ci_and_floors_in_table_one_layout(tmp_pat
     assert main(["compare", str(pmoe), str(lora), "--labels", "PMoE,LoRA", "--out", str(out)]) == 0
     lines = (out / "compare.md").read_text().splitlines()
     assert lines[0] == "| task | majority | zero-shot | PMoE | LoRA |"
-    assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:12]] == [
+    assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:13]] == [
         "sentiment",
         "parity",
         "OP",
         "BWT",
         "trainable %",
+        "wall minutes",
         "diagonal mass",
         "own expert after own task",
         "own expert at end: sentiment",

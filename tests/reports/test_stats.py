@@ -30,6 +30,7 @@ def _run_folder(path, seed, final, diag, majority=(50.0, 25.0), zero_shot=(10.0,
         "seed": seed,
         "trainable_params": 10,
         "total_params": 1000,
+        "wall_seconds": 60.0 * (seed + 1),
         "floors": {t: {"majority": majority[i], "zero_shot": zero_shot[i]} for i, t in enumerate(TASKS)},
     }
     path.mkdir(parents=True)
@@ -108,6 +109,7 @@ def test_compare_prints_floors_cis_and_paired_differences_of_hand_made_runs(tmp_
     assert float(rows["OP"][4]) == pytest.approx(half, abs=1e-4) and rows["OP"][5] == "3"
     assert float(rows["t0"][1]) == 50.0 and float(rows["t1"][2]) == 0.0 and float(rows["OP"][1]) == 37.5
     assert float(rows["BWT"][3]) == pytest.approx(np.mean(other_bwts), abs=1e-4)
+    assert float(rows["wall minutes"][3]) == pytest.approx(2.0)  # 1, 2 and 3 minutes over the seeds
     op_line = next(line for line in text.splitlines() if line.startswith("| OP |"))
     assert f"{mean:.2f} ± {half:.2f}" in op_line
 

@@ -154,7 +154,8 @@ def floor_rows(columns: list[MethodRuns]) -> dict[str, dict[str, float | None]]:
 
 def table_rows(columns: list[MethodRuns]) -> list[tuple[str, list[list[float]]]]:
     """``(row name, per column the values over seeds)``: general ability after the stream and
-    Delta R^G when runs scored it (Table 1's upper half), then tasks, OP, BWT, trainable share."""
+    Delta R^G when runs scored it (Table 1's upper half), then tasks, OP, BWT, the costs (trainable
+    share, wall time), and the routing rows of routed methods."""
     rows = []
     benchmarks = sorted({b for c in columns for r in c.results for b in (r.get("general") or {})})
     for bench in benchmarks:
@@ -171,6 +172,7 @@ def table_rows(columns: list[MethodRuns]) -> list[tuple[str, list[list[float]]]]
     rows.append(("BWT", [c.values("BWT") for c in columns]))
     share = [[100 * r["trainable_params"] / r["total_params"] for r in c.results] for c in columns]
     rows.append(("trainable %", share))
+    rows.append(("wall minutes", [[r["wall_seconds"] / 60 for r in c.results] for c in columns]))
     routing = [c.routing() for c in columns]
     if any(diagonal for diagonal, _, _ in routing):
         rows.append(("diagonal mass", [diagonal for diagonal, _, _ in routing]))
@@ -183,7 +185,7 @@ def table_rows(columns: list[MethodRuns]) -> list[tuple[str, list[list[float]]]]
 
 
 def markdown(columns: list[MethodRuns], paired: dict[str, Any] | None = None) -> str:
-    """Table 1: rows tasks, OP, BWT, trainable share, seeds; the floors, then one column per run;
+    """Table 1: rows tasks, OP, BWT, trainable share, wall time, seeds; the floors, then one column per run;
     cells are mean ± 95% CI over seeds. With ``paired``, a second table of differences."""
     floors = floor_rows(columns)
     rows = []
@@ -205,7 +207,8 @@ def markdown(columns: list[MethodRuns], paired: dict[str, Any] | None = None) ->
         "model without training) on the same items. Routed methods: diagonal mass = mean over tasks of the "
         "gate on their own expert at the end; own expert after own task = expert k's gate on task k right "
         "after task k, mean over every task (the first included, whose gate is 1 while it is the only expert); "
-        "own expert at end: each task's gate on its own expert once the stream is done. General rows (when "
+        "own expert at end: each task's gate on its own expert once the stream is done. wall minutes: each "
+        "run's wall time as measured (on a shared or paused machine it is an upper bound). General rows (when "
         "runs scored general ability): the score after the stream, the base model's beside it as zero-shot, "
         "and Delta R^G (Eq. 6).\n"
     )
