@@ -139,8 +139,9 @@ def test_merged_lora_equals_base_plus_delta_forward_backward_and_in_evaluation(b
     merged = torch.autograd.grad((layer(x) * g).sum(), params)
     apart = torch.autograd.grad((StockLoRA.forward(layer, x) * g).sum(), params)
     torch.testing.assert_close(layer(x), StockLoRA.forward(layer, x), rtol=1e-5, atol=1e-5)
-    for m, a in zip(merged, apart, strict=True):
-        torch.testing.assert_close(m, a, rtol=1e-5, atol=1e-5)
+    for m, a in zip(merged, apart, strict=True):  # float32 sums over 26 tokens in two orders: on
+        # another CPU's kernels an entry near 0 differs by ~1e-5; a wrong scale or transpose by > 1e-2
+        torch.testing.assert_close(m, a, rtol=1e-4, atol=1e-4)
     with torch.no_grad():  # evaluation keeps W + s B A, and builds it again once B changes
         torch.testing.assert_close(layer(x), StockLoRA.forward(layer, x), rtol=1e-5, atol=1e-5)
         layer.lora_B.add_(1.0)
