@@ -117,8 +117,9 @@ def _train_side_by_side(method, ours, theirs, pairs, batches) -> None:
             torch.testing.assert_close(mine().grad, reference.grad, rtol=1e-4, atol=1e-7)
         ours_opt.step(), theirs_opt.step()
         ours_opt.zero_grad(), theirs_opt.zero_grad()
-        for mine, reference in pairs:
-            torch.testing.assert_close(mine().detach(), reference.detach(), rtol=1e-4, atol=1e-6)
+        for mine, reference in pairs:  # AdamW divides by sqrt(v): an entry whose gradient is ~0
+            # carries float32's summation noise into its step (2e-6 seen on an AMD EPYC); a step is LR
+            torch.testing.assert_close(mine().detach(), reference.detach(), rtol=1e-4, atol=1e-3 * LR)
 
 
 def test_seq_lora_trains_as_peft_lora_step_for_step_replay_included():
