@@ -111,22 +111,20 @@ class RunConfig:
     lambda_orth: float = _opt(0.5, "o-lora: weight of the orthogonality loss sum_i |A_i A_t^T| (official code: 0.5)")
     lambda_l2: float = _opt(0.0, "o-lora: weight of ||new LoRA||^2 (official code: 0)")
     lambda_ewc: float = _opt(
-        1000.0,
-        "ewc: weight of the penalty lambda/2 * sum F (theta - theta*)^2 (provisional: studies/baselines-grid.yaml "
-        "chooses it on the validation split)",
+        1000000.0,
+        "ewc: weight of the penalty lambda/2 * sum F (theta - theta*)^2, F the diagonal Fisher of the adapter "
+        "(chosen on the validation split: studies/baselines-grid.yaml, docs/results.md)",
     )
     ewc_samples: int = _opt(64, "ewc: training examples per task the diagonal Fisher is estimated on")
     lambda_lwf: float = _opt(
-        1.0, "lwf: weight of the distillation from the model before the current task (provisional, as lambda_ewc)"
+        1.0, "lwf: weight of the distillation from the model before the current task (chosen as lambda_ewc)"
     )
     lwf_temperature: float = _opt(2.0, "lwf: softmax temperature T of the distillation (scaled by T^2)")
     agem_memory: int = _opt(
-        32, "agem: examples of each finished task kept in the episodic memory (provisional, as lambda_ewc)"
+        16, "agem: examples of each finished task kept in the episodic memory (chosen as lambda_ewc)"
     )
     loramoe_experts: int = _opt(6, "loramoe: LoRA experts per adapted projection (each of rank --rank)")
-    lambda_balance: float = _opt(
-        0.01, "loramoe: weight of the localized balancing constraint (provisional, as lambda_ewc)"
-    )
+    lambda_balance: float = _opt(0.01, "loramoe: weight of the localized balancing constraint (chosen as lambda_ewc)")
     balance_delta: float = _opt(
         0.1,
         "loramoe: the constraint's delta: each half of the experts is pushed towards one kind of data (replayed "
