@@ -121,7 +121,7 @@ class RunConfig:
     )
     lwf_temperature: float = _opt(2.0, "lwf: softmax temperature T of the distillation (scaled by T^2)")
     agem_memory: int = _opt(
-        16, "agem: examples of each finished task kept in the episodic memory (chosen as lambda_ewc)"
+        64, "agem: examples of each finished task kept in the episodic memory (chosen as lambda_ewc)"
     )
     loramoe_experts: int = _opt(6, "loramoe: LoRA experts per adapted projection (each of rank --rank)")
     lambda_balance: float = _opt(0.01, "loramoe: weight of the localized balancing constraint (chosen as lambda_ewc)")
